@@ -1,0 +1,168 @@
+"""``qoqc compile``: Hugging Face checkpoint -> Relax IR -> compiled module + weights -> artifact.
+
+The only module that imports every stage. The Relax pipeline is one ordered list of phases:
+
+    1. graph       Relax-level rewrites on the operator graph (X @ W^T without a transposed copy)
+    2. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
+    3. schedule    TensorIR schedule rules for the target (``schedules.default_rules``)
+    4. vm          memory planning and lowering to the Relax VM
+
+``--dump-ir`` writes the Relax IR as exported and after the pipeline into ``OUT/ir/``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import QUANT_SCHEMES
+from .errors import QoqcError
+from .frontend.checkpoint import default_model_path, open_checkpoint
+from .frontend.llama import ENTRY_POINTS, LlamaForCausalLM
+from .frontend.loader import convert
+from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
+from .tvm_env import tvm
+
+import tvm_ffi  # noqa: E402  (after tvm_env's version check)
+from tvm import relax  # noqa: E402
+
+import schedules  # noqa: E402
+
+TARGETS = ("llvm", "cuda")
+CUDA_ARCHS = ("sm_80", "sm_89", "sm_90")
+SHARD_BYTES = 2 << 30
+
+
+def make_target(target: str, arch: str | None = None) -> "tvm.target.Target":
+    """``llvm`` (``arch`` = LLVM CPU name, default this machine's) or ``cuda`` (``arch`` = sm_XX, default sm_80)."""
+    if target == "cuda":
+        arch = arch or "sm_80"
+        if arch not in CUDA_ARCHS:
+            raise QoqcError(f"invalid CUDA arch {arch!r} (choose from {', '.join(CUDA_ARCHS)})")
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=_host_target())
+    if target == "llvm":
+        if arch is not None and arch.startswith("sm_"):
+            raise QoqcError(f"--arch {arch} is a CUDA arch; use it with --target cuda")
+        return _host_target(arch)
+    raise QoqcError(f"invalid target {target!r} (choose from {', '.join(TARGETS)})")
+
+
+def _host_target(cpu: str | None = None) -> "tvm.target.Target":
+    cpu = cpu or tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+
+
+def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
+    t = relax.transform
+    seq = tvm.transform.Sequential
+    return [
+        ("graph", seq([t.FuseTransposeMatmul()])),
+        ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
+                       t.FuseTIR(), t.DeadCodeElimination()])),
+        ("schedule", tvm.s_tir.dlight.ApplyDefaultSchedule(*schedules.default_rules(target))),
+        ("vm", seq([t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(),
+                    t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.RewriteCUDAGraph(),
+                    t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin(),
+                    t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol()])),
+    ]
+
+
+def _default_output(model: Path, quant: str, target: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.stem if model.is_file() else model.name)
+    return Path("dist") / f"{name}-{quant}-{target}"
+
+
+def compile(model: str | Path | None = None, target: str = "llvm", quant: str = "fp16",
+            output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
+            progress: bool = True) -> Path:
+    """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
+    an artifact directory and return its path."""
+    if quant not in QUANT_SCHEMES:
+        raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    tgt = make_target(target, arch)
+    model_path = Path(model) if model is not None else default_model_path()
+    out = Path(output) if output is not None else _default_output(model_path, quant, target)
+    dtype = QUANT_SCHEMES[quant]
+
+    with writing(out) as tmp:
+        say = tqdm.write if progress else (lambda *_: None)
+        ckpt = open_checkpoint(model_path)
+        cfg = ckpt.config
+        say(f"qoqc: {cfg.architecture} from {model_path}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+            f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
+            f"context {cfg.context_window}")
+        if ckpt.tokenizer is None:
+            say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
+
+        t0 = time.perf_counter()
+        model = LlamaForCausalLM(cfg, dtype, tgt)
+        mod, named_params = model.export_tvm(spec=model.get_default_spec())
+        params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
+        if dump_ir:
+            (tmp / "ir").mkdir()
+            (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
+
+        shards = _write_params(tmp, convert(ckpt, params), len(params), progress)
+
+        phases = pipeline_phases(tgt)
+        bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
+        with tgt:
+            for name, phase in phases:
+                bar.set_postfix_str(name)
+                mod = phase(mod)
+                bar.update()
+        if dump_ir:
+            (tmp / "ir" / "relax_after.py").write_text(mod.script(show_meta=False))
+        bar.set_postfix_str("codegen")
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=None)
+        bar.update()
+        bar.set_postfix_str("export")
+        ex.export_library(str(tmp / LIBRARY))
+        bar.update()
+        bar.close()
+
+        if ckpt.tokenizer is not None:
+            ckpt.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        write_manifest(tmp, {
+            "qoqc_version": __version__,
+            "tvm_version": tvm.__version__,
+            "tvm_ffi_version": tvm_ffi.__version__,
+            "target": {"name": target, **{k: str(v) for k, v in tgt.export().items()
+                                          if k in ("kind", "arch", "mcpu")}},
+            "quant": quant,
+            "dtype": dtype,
+            "source": str(model_path.absolute()),
+            "model": cfg.to_dict(),
+            "entry_points": list(ENTRY_POINTS),
+            "library": LIBRARY,
+            "params": {"files": shards, "names": [n for n, _, _ in params]},
+            "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,
+        })
+        say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")
+    return out
+
+
+def _write_params(root: Path, tensors, count: int, progress: bool) -> list[str]:
+    """Save converted parameters as safetensors shards of at most ``SHARD_BYTES`` each."""
+    shards, batch, size = [], {}, 0
+
+    def flush():
+        nonlocal batch, size
+        name = f"params-{len(shards):05d}.safetensors"
+        save_file(batch, str(root / name))
+        shards.append(name)
+        batch, size = {}, 0
+
+    for name, arr in tqdm(tensors, total=count, desc="weights", unit="tensor", disable=not progress):
+        if batch and size + arr.nbytes > SHARD_BYTES:
+            flush()
+        batch[name] = arr
+        size += arr.nbytes
+    if batch:
+        flush()
+    return shards

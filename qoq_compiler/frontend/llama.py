@@ -1,0 +1,174 @@
+"""The Llama-family decoder (Llama-2/3, Mistral, Qwen2) as a ``relax.frontend.nn`` module.
+
+One model file for every precision: the linear layer and the KV cache are the two places later
+stages swap (a W4A8 linear, a 4-bit paged cache); everything else is shared.
+
+Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
+    qkv = RMSNorm(x) @ W_qkv^T (+ b_qkv)        [T, (Hq + 2 Hkv) D]    (q, k, v fused)
+    a   = PagedAttention(qkv) @ W_o^T (+ b_o)    [T, H]                 (RoPE applied inside the cache)
+    x   = x + a
+    gu  = RMSNorm(x) @ W_gate_up^T               [T, 2 I]               (gate, up fused)
+    x   = x + silu(gu[:, :I]) * gu[:, I:] @ W_down^T
+logits = RMSNorm(x) @ W_lm^T  (W_lm = embedding when tied), computed only at the requested rows.
+
+Entry points (all take the packed parameter tuple last):
+    prefill(input_ids [1, T], logit_positions [P], kv) -> logits [1, P, V] f32
+        T tokens of one or more sequences (ragged, as declared to the cache); logits only at the
+        P rows asked for: the last row of each sequence for generation, all rows for evaluation.
+    decode(input_ids [B, 1], kv) -> logits [B, 1, V] f32    one new token for each of B sequences
+    create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                    support_sliding_window) -> kv
+"""
+
+from __future__ import annotations
+
+from tvm import relax, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from ..config import ModelConfig
+
+#: Entry points of the compiled module, in the order the runtime expects them.
+ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
+
+
+class Linear(nn.Linear):
+    """y = x W^T (+ b): weights in the model dtype, accumulation (and bias) in fp32, output in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, out_dtype="float32")
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.dtype == "float32" else op.astype(y, self.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, t, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, t, -1, self.head_dim))  # [B, T, Hq + 2 Hkv, D]
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, t, self.num_heads * self.head_dim)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
+        x = self.embed_tokens(input_ids)  # [B, T, H]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv, i)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str, target):
+        self.cfg, self.dtype, self.target = cfg, dtype, target
+        self.model = Backbone(cfg, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """fp32 logits [*, V] = h W_lm^T, accumulated in fp32."""
+        if self.cfg.tie_word_embeddings:
+            return op.matmul(h, op.permute_dims(self.model.embed_tokens.weight), out_dtype="float32")
+        return self.lm_head(h)
+
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, kv: PagedKVCache):
+        h = self.model(input_ids, kv)  # [1, T, H]
+        h = op.take(h, logit_positions, axis=1)  # [1, P, H]
+        return self._logits(h), kv
+
+    def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        return self._logits(self.model(input_ids, kv)), kv  # [B, 1, V]
+
+    def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
+                        prefill_chunk_size: tirx.Var, page_size: tirx.Var,
+                        support_sliding_window: tirx.Var) -> PagedKVCache:
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.num_layers]),
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=dict(cfg.rope_scaling),
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        model = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                "kv": kv,
+                "$": model,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "kv": kv,
+                "$": model,
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        assert tuple(spec) == ENTRY_POINTS
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,53 @@
+"""Map Hugging Face tensors onto the parameters of ``llama.LlamaForCausalLM``.
+
+    model.layers.{i}.self_attn.qkv_proj.{weight,bias} = concat(q_proj, k_proj, v_proj)   along rows
+    model.layers.{i}.mlp.gate_up_proj.weight          = concat(gate_proj, up_proj)      along rows
+and every other parameter has the HF name unchanged. Rows of nn.Linear weights are output
+features ([out, in], as in torch), so concatenation along axis 0 fuses the projections.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..errors import QoqcError
+from .checkpoint import Checkpoint
+
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_LAYER = re.compile(r"^(model\.layers\.\d+\.)(.+)\.(weight|bias)$")
+
+
+def hf_sources(name: str) -> tuple[str, ...]:
+    """HF tensor names that make up qoqc parameter ``name``."""
+    m = _LAYER.match(name)
+    if m and m.group(2) in _FUSED:
+        prefix, module, kind = m.groups()
+        return tuple(f"{prefix}{part}.{kind}" for part in _FUSED[module])
+    return (name,)
+
+
+def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]]
+            ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for each (name, shape, dtype) the exported module declares, in that order."""
+    available = set(ckpt.names)
+    for name, shape, dtype in params:
+        sources = hf_sources(name)
+        missing = [s for s in sources if s not in available]
+        if missing:
+            raise QoqcError(f"checkpoint {ckpt.path} lacks tensor {missing[0]} (needed for {name})")
+        parts = [ckpt.read(s).to(getattr(torch, dtype)) for s in sources]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(t.shape) != tuple(shape):
+            raise QoqcError(
+                f"tensor {'+'.join(sources)} has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise QoqcError(f"tensor {'+'.join(sources)} holds NaN or Inf after conversion to {dtype}")
+        yield name, t.contiguous().numpy()

@@ -1,0 +1,105 @@
+"""The artifact directory ``qoqc compile`` writes, and its integrity check.
+
+    OUT/
+      manifest.json            versions, target, model config, quant scheme, parameter order, sha256 of every file
+      model.so                 the compiled Relax VM executable (host code + device code or source)
+      params-00000.safetensors parameters in the layout the module expects (sharded at 2 GiB)
+      tokenizer/               tokenizer files with the chat template (absent if the checkpoint has none)
+      ir/                      Relax IR before and after the pipeline (only with --dump-ir)
+
+An artifact is written into a temporary sibling directory and renamed into place at the end, so an
+interrupted or failed compile never leaves a half-written OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import QoqcError
+
+FORMAT = "qoqc-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+TOKENIZER_DIR = "tokenizer"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+@contextmanager
+def writing(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces ``out``, on failure it is removed.
+
+    ``out`` may be absent, an empty directory or an earlier artifact; anything else is refused
+    rather than overwritten.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise QoqcError(f"output {out} exists and is not a qoqc artifact: refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Record the sha256 of every file under ``root`` and write ``manifest.json``."""
+    files = {p.relative_to(root).as_posix(): sha256(p) for p in _files(root)}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+    (root / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Parse ``manifest.json`` and (by default) check every file's sha256 against it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise QoqcError(f"artifact directory does not exist: {root}")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise QoqcError(f"{root} is not a qoqc artifact (no {MANIFEST})")
+    try:
+        doc = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QoqcError(f"corrupt artifact: {mpath} is not valid JSON ({e})") from None
+    if doc.get("format") != FORMAT:
+        raise QoqcError(f"{mpath} is not a qoqc manifest")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise QoqcError(
+            f"artifact format version {doc.get('format_version')} is not supported "
+            f"(this qoqc reads version {FORMAT_VERSION}): recompile the model"
+        )
+    if verify:
+        for rel, digest in doc["files"].items():
+            p = root / rel
+            if not p.is_file():
+                raise QoqcError(f"corrupt artifact: {p} is missing")
+            if sha256(p) != digest:
+                raise QoqcError(f"corrupt artifact: {p} was altered after compile (sha256 mismatch)")
+    return doc

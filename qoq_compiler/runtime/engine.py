@@ -1,0 +1,325 @@
+"""Load an artifact and run it: prefill, decode, sampling, streaming text.
+
+Needs only the artifact, ``tvm.runtime`` and a tokenizer; no compiler stage is imported.
+
+A sequence lives in the paged KV cache under an integer id. One forward step declares which
+sequences advance and by how many tokens (``kv_state_begin_forward``), runs an entry point over
+their concatenated tokens, and closes (``kv_state_end_forward``):
+    prefill: tokens of one or more sequences, packed up to ``prefill_chunk_size`` per call
+    decode:  one token for each of B sequences
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ..config import ModelConfig
+from ..errors import QoqcError
+from ..tvm_env import tvm
+from .artifact import read_manifest
+
+import tvm_ffi  # noqa: E402  (after tvm_env's version check)
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
+
+PAGE_SIZE = 16  # TVM's paged KV-cache kernels are generated for 16-token pages
+
+
+@dataclass
+class GenerationResult:
+    """One request's output: ``token_ids`` and ``text`` hold the new tokens only."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or context)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first new token comes from prefill
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+
+@dataclass
+class _Request:
+    seq_id: int
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    rng: np.random.Generator
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+
+
+class TextStream:
+    """Iterates over text pieces as they are generated; ``result`` is set once exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        (self.result,) = yield from self._pieces
+
+
+class Engine:
+    """A compiled model loaded on one device.
+
+    ``max_total_tokens`` bounds the tokens held in the KV cache over all live sequences (default:
+    the model's context window, at most 8192); ``max_batch_size`` the sequences decoded together.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", max_total_tokens: int | None = None,
+                 max_batch_size: int = 8, prefill_chunk_size: int = 2048, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.config = ModelConfig.from_dict(self.manifest["model"])
+        kind = self.manifest["target"]["kind"]
+        if device not in ("cpu", "cuda"):
+            raise QoqcError(f"invalid device {device!r} (choose cpu or cuda)")
+        if (kind == "cuda") != (device == "cuda"):
+            raise QoqcError(f"artifact {self.path} was compiled for {kind}; it cannot run on device {device!r}")
+        self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        if not self.device.exist:
+            raise QoqcError(f"no {device} device on this machine")
+
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self.manifest["library"])), self.device)
+        self.params = self._load_params()
+        self.context_window = min(self.config.context_window, max_total_tokens or 8192)
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk_size = min(prefill_chunk_size, self.context_window)
+        self.kv = self.vm["create_kv_cache"](
+            tvm_ffi.Shape([max_batch_size]), tvm_ffi.Shape([self.context_window]),
+            tvm_ffi.Shape([self.prefill_chunk_size]), tvm_ffi.Shape([PAGE_SIZE]), tvm_ffi.Shape([0]))
+        self._f = {name: self.vm[name] for name in ("prefill", "decode")}
+        self._fn_builtin = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
+                            for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")}
+        self._next_seq = 0
+        self._tokenizer = None
+
+    # ---------------------------------------------------------------- loading
+    def _load_params(self) -> list:
+        spec = self.manifest["params"]
+        arrays: dict[str, np.ndarray] = {}
+        for f in spec["files"]:
+            arrays.update(load_file(str(self.path / f)))
+        missing = [n for n in spec["names"] if n not in arrays]
+        if missing:
+            raise QoqcError(f"corrupt artifact: parameter {missing[0]} missing from {self.path}")
+        return [tvm.runtime.tensor(arrays[n], self.device) for n in spec["names"]]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            sub = self.manifest.get("tokenizer")
+            if not sub:
+                raise QoqcError(f"artifact {self.path} has no tokenizer: pass token ids instead of text")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path / sub))
+        return self._tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise QoqcError("empty prompt")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise QoqcError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.context_window:
+            raise QoqcError(
+                f"prompt has {len(ids)} tokens, over the context window of {self.context_window} "
+                f"(it must leave room for at least one new token)")
+        return ids
+
+    # ---------------------------------------------------------------- sequence steps (the serving primitives)
+    def add_sequence(self) -> int:
+        """Open an empty sequence in the KV cache and return its id."""
+        sid = self._next_seq
+        self._next_seq += 1
+        self._fn_builtin["add_sequence"](self.kv, sid)
+        return sid
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Free a sequence's KV-cache pages."""
+        self._fn_builtin["remove_sequence"](self.kv, seq_id)
+
+    def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
+        self._fn_builtin["begin_forward"](self.kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lens))
+        logits, _ = self._f[fn](*args, self.kv, self.params)
+        self._fn_builtin["end_forward"](self.kv)
+        return logits.numpy()[0] if fn == "prefill" else logits.numpy()[:, 0]
+
+    def prefill(self, items: list[tuple[int, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
+        """Feed each (seq_id, tokens); return per item its last row of logits (or all rows)."""
+        out: list[list[np.ndarray]] = [[] for _ in items]
+        pending = [(i, sid, toks) for i, (sid, toks) in enumerate(items)]
+        while pending:
+            batch, budget = [], self.prefill_chunk_size
+            while pending and budget > 0 and len(batch) < self.max_batch_size:
+                i, sid, toks = pending.pop(0)
+                take = toks[:budget]
+                batch.append((i, sid, take))
+                if len(toks) > budget:
+                    pending.insert(0, (i, sid, toks[budget:]))
+                budget -= len(take)
+            ids = np.array([[t for _, _, tk in batch for t in tk]], dtype="int32")
+            ends = np.cumsum([len(tk) for _, _, tk in batch])
+            if all_logits:
+                pos = np.arange(ends[-1], dtype="int32")
+            else:
+                pos = (ends - 1).astype("int32")
+            logits = self._forward("prefill", [sid for _, sid, _ in batch], [len(tk) for _, _, tk in batch],
+                                   tvm.runtime.tensor(ids, self.device), tvm.runtime.tensor(pos, self.device))
+            starts = np.concatenate([[0], ends[:-1]])
+            for k, (i, _, _) in enumerate(batch):
+                out[i].append(logits[starts[k]:ends[k]] if all_logits else logits[k:k + 1])
+        return [np.concatenate(rows) if all_logits else rows[-1][0] for rows in out]
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        """Append one token to each sequence; return their next-token logits [B, vocab]."""
+        ids = tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device)
+        return self._forward("decode", seq_ids, [1] * len(seq_ids), ids)
+
+    # ---------------------------------------------------------------- public API
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) of a whole sequence, for evaluation."""
+        ids = self._ids(ids)
+        sid = self.add_sequence()
+        try:
+            return self.prefill([(sid, ids)], all_logits=True)[0]
+        finally:
+            self.remove_sequence(sid)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None
+                 ) -> GenerationResult:
+        return self.generate_batch([prompt], max_new_tokens, temperature, top_p, stop, seed)[0]
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None
+               ) -> TextStream:
+        """Like ``generate``, but iterating yields text pieces as they are decoded."""
+        req = self._request(prompt, max_new_tokens, temperature, top_p, stop, seed)
+        return TextStream(self._run([req], streaming=True))
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                       temperature: float = 0.0, top_p: float = 1.0, stop: str | Iterable[str] | None = None,
+                       seed: int | None = None) -> list[GenerationResult]:
+        """Generate for several prompts together: one batched prefill, then batched decode steps."""
+        if not 0 < len(prompts) <= self.max_batch_size:
+            raise QoqcError(f"batch of {len(prompts)} prompts; this engine holds 1 to {self.max_batch_size}")
+        reqs = [self._request(p, max_new_tokens, temperature, top_p, stop,
+                              None if seed is None else seed + i) for i, p in enumerate(prompts)]
+        used = sum(len(r.prompt) + r.max_new_tokens for r in reqs)
+        if used > self.context_window and len(reqs) > 1:
+            raise QoqcError(f"batch needs up to {used} KV-cache tokens; the cache holds {self.context_window}")
+        it = self._run(reqs, streaming=False)
+        try:
+            while True:
+                next(it)
+        except StopIteration as stop_it:
+            return stop_it.value
+
+    def _request(self, prompt, max_new_tokens, temperature, top_p, stop, seed) -> _Request:
+        if max_new_tokens < 1:
+            raise QoqcError("max_new_tokens must be at least 1")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise QoqcError(f"invalid sampling parameters temperature={temperature}, top_p={top_p}")
+        ids = self._ids(prompt)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return _Request(-1, ids, min(max_new_tokens, self.context_window - len(ids)), temperature, top_p,
+                        stops, np.random.default_rng(seed))
+
+    def _run(self, reqs: list[_Request], streaming: bool):
+        """Generator: yields text pieces of reqs[0] when streaming; returns the results."""
+        for r in reqs:
+            r.seq_id = self.add_sequence()
+        try:
+            t0 = time.perf_counter()
+            first = self.prefill([(r.seq_id, r.prompt) for r in reqs])
+            t1 = time.perf_counter()
+            for r, row in zip(reqs, first):
+                piece = self._accept(r, self._sample(row, r))
+                if streaming and piece:
+                    yield piece
+            while True:
+                live = [r for r in reqs if r.finish is None]
+                if not live:
+                    break
+                logits = self.decode([r.seq_id for r in live], [r.out[-1] for r in live])
+                for r, row in zip(live, logits):
+                    piece = self._accept(r, self._sample(row, r))
+                    if streaming and piece:
+                        yield piece
+            t2 = time.perf_counter()
+        finally:
+            for r in reqs:
+                self.remove_sequence(r.seq_id)
+        return [GenerationResult(r.out, r.text if self.manifest.get("tokenizer") else "", len(r.prompt),
+                                 r.finish, t1 - t0, t2 - t1) for r in reqs]
+
+    @staticmethod
+    def _sample(logits: np.ndarray, r: _Request) -> int:
+        if r.temperature == 0.0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / r.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if r.top_p < 1.0:
+            order = np.argsort(-p)
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), r.top_p)) + 1]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        return int(r.rng.choice(len(p), p=p))
+
+    def _accept(self, r: _Request, token: int) -> str:
+        """Append a token; update text and finish state; return the newly final text."""
+        r.out.append(token)
+        if token in self.config.eos_token_ids:
+            r.out.pop()
+            r.finish = "eos"
+        elif len(r.out) >= r.max_new_tokens:
+            r.finish = "length"
+        if not self.manifest.get("tokenizer"):
+            return ""
+        text = self.decode_text(r.out)
+        for s in r.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, r.finish = text[:cut], "stop"
+        if r.finish is None:
+            # hold back an incomplete UTF-8 character and any tail that may begin a stop string
+            safe = len(text.rstrip("\ufffd"))
+            for s in r.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+            text = text[:safe]
+            if not text.startswith(r.text):  # the tokenizer re-merged earlier text: wait
+                return ""
+        piece = text[len(r.text):] if text.startswith(r.text) else ""
+        r.text = text
+        return piece

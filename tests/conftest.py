@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random Hugging Face models saved to disk, and their compiled artifacts.
+
+Tiny models reuse the real 512-token tokenizer of stories260K so that text round-trips too.
+Weights are random with a larger spread than HF's default init (std 0.02 makes every logit
+nearly equal, which would turn greedy comparisons into coin flips); biases are random, not zero.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(os.environ.get("QOQC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+STORIES = DATA / "stories260K" / "hf"
+
+TINY = dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+#: name -> (transformers config class name, extra config fields)
+TINY_MODELS = {
+    # GQA 4:2, untied, head_dim (32) != hidden / heads (24), Llama-3 RoPE scaling
+    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                  tie_word_embeddings=False, rope_theta=500000.0,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 64})),
+    # GQA 8:2, untied, sliding window longer than the context
+    "mistral": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+                                      tie_word_embeddings=False, sliding_window=4096)),
+    # MHA 6:6 would be trivial: GQA 6:2 with QKV bias, tied embeddings, large rope_theta
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2,
+                                  tie_word_embeddings=True, rope_theta=1000000.0)),
+}
+
+
+def requires_shared_data():
+    return pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
+    import transformers
+
+    cls_name, extra = TINY_MODELS[name]
+    cfg = getattr(transformers, cls_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: save_tiny_model(name, root / name) for name in TINY_MODELS}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """fp32 llvm artifacts of every tiny model (compiled once per session)."""
+    from qoq_compiler import compile
+
+    root = tmp_path_factory.mktemp("art")
+    return {name: compile(d, target="llvm", quant="fp32", output=root / name, progress=False)
+            for name, d in tiny_dirs.items()}
+
+
+def hf_model(path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
+
+
+def hf_greedy(model, ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """Greedy decoding with full recomputation each step: the plainest possible reference."""
+    out, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+            seq.append(nxt)
+    return out
+
+
+def rel_err(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
