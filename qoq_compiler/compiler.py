@@ -7,7 +7,11 @@ The only module that imports every stage. The Relax pipeline is one ordered list
     3. schedule    TensorIR schedule rules for the target (``schedules.default_rules``)
     4. vm          memory planning and lowering to the Relax VM
 
-``--dump-ir`` writes the Relax IR as exported and after the pipeline into ``OUT/ir/``.
+``--dump-ir`` writes the Relax IR as exported and after the pipeline into ``OUT/ir/`` (and, for
+CUDA, the generated kernels as ``kernels.cu``).
+
+A CUDA artifact holds the kernels as CUDA source, compiled for the GPU when the artifact is
+loaded (NVRTC, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``); no GPU is needed to compile.
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str = 
             (tmp / "ir" / "relax_after.py").write_text(mod.script(show_meta=False))
         bar.set_postfix_str("codegen")
         ex = tvm.compile(mod, target=tgt, relax_pipeline=None)
+        if dump_ir and target == "cuda":
+            (tmp / "ir" / "kernels.cu").write_text(cuda_source(ex))
         bar.update()
         bar.set_postfix_str("export")
         ex.export_library(str(tmp / LIBRARY))
@@ -145,6 +151,19 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str = 
         })
         say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")
     return out
+
+
+def cuda_source(ex) -> str:
+    """The CUDA C++ of every device kernel in a compiled executable (kept as source until load)."""
+    pending, found = [ex.mod], []
+    while pending:
+        m = pending.pop()
+        if m.kind == "cuda":
+            found.append(m.inspect_source("cuda"))
+        pending.extend(m.imports)
+    if not found:
+        raise QoqcError("the CUDA build produced no device code")
+    return "\n".join(found)
 
 
 def _write_params(root: Path, tensors, count: int, progress: bool) -> list[str]:

@@ -8,8 +8,11 @@ LLVM codegen for minutes on LLM shapes). Functions already scheduled (the KV-cac
 
 from tvm.s_tir import dlight as dl
 
+from .intrin import load_cuda_intrinsics
+
 
 def default_rules(target) -> list:
     if "gpu" not in target.keys:
         return []
+    load_cuda_intrinsics()  # dlight's tensor-core rules import them; do it the fast way first
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
