@@ -14,7 +14,8 @@ PKG = ROOT / "qoq_compiler"
 FORBIDDEN = {
     "config": {"frontend", "compiler", "runtime", "schedules", "torch", "transformers"},
     "errors": {"frontend", "compiler", "runtime", "schedules", "config"},
-    "frontend": {"compiler", "runtime", "schedules"},
+    "frontend": {"compiler", "runtime", "schedules", "quant"},
+    "quant": {"compiler", "runtime", "schedules"},
     "runtime": {"frontend", "compiler", "schedules", "torch"},  # (tvm itself may import torch)
     "schedules": {"qoq_compiler"},
 }

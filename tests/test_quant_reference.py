@@ -1,0 +1,92 @@
+"""The QoQ number formats: ranges the kernels rely on, and quantization error bounds, on random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qoq_compiler.quant import reference as ref
+
+
+def heavy_tailed(rng, shape):
+    """Gaussian weights with a few large outliers, like real LLM weights."""
+    w = rng.standard_normal(shape) * 0.02
+    mask = rng.random(shape) < 0.002
+    return np.where(mask, w * 30, w)
+
+
+def direct_g128_error(w, group):
+    n, k = w.shape
+    out = np.empty_like(w)
+    for start in range(0, k, group):
+        g = w[:, start:start + group]
+        lo, hi = g.min(axis=1, keepdims=True), g.max(axis=1, keepdims=True)
+        s = (hi - lo) / 15
+        out[:, start:start + group] = np.clip(np.round((g - lo) / s), 0, 15) * s + lo
+    return np.linalg.norm(out - w) / np.linalg.norm(w)
+
+
+def test_progressive_gaussian_error():
+    w = np.random.default_rng(9).standard_normal((64, 512))
+    p = ref.progressive_quantize(w)
+    assert np.linalg.norm(p.dequantize() - w) / np.linalg.norm(w) < 0.12
+
+
+@pytest.mark.parametrize("k", [256, 576, 1000])
+def test_progressive_ranges_and_error(k):
+    rng = np.random.default_rng(k)
+    w = heavy_tailed(rng, (64, k))
+    p = ref.progressive_quantize(w, group=128)
+    assert p.q.dtype == np.uint8 and p.q.max() <= 15
+    assert p.s2.shape == (64, -(-k // 128)) and 1 <= p.s2.min() and p.s2.max() <= 16
+    s2 = np.repeat(p.s2.astype(np.int32), 128, axis=1)[:, :k]
+    assert (p.q.astype(np.int32) * s2).max() <= 240  # one unsigned byte: the GEMM's 4-lanes-per-word multiply
+    w1 = p.level1()  # asserts int8 range internally
+    assert w1.dtype == np.int8
+    # the int8 intermediate costs little against a direct fp g128 asymmetric 4-bit quantizer
+    rel = np.linalg.norm(p.dequantize() - w) / np.linalg.norm(w)
+    assert rel < 1.1 * direct_g128_error(w, 128)
+    # inside the level-2 grid [-z2, 15 s2 - z2] the error is at most half a step plus the rounding of z2
+    # (an integer s2 may not reach the group maximum: those few elements are clipped, not bounded)
+    z2 = np.repeat(p.z2.astype(np.float64), 128, axis=1)[:, :k]
+    w1 = w / p.s1.astype(np.float64)[:, None]
+    inside = (w1 >= -z2) & (w1 <= 15 * s2 - z2)
+    assert inside.mean() > 0.9
+    bound = p.s1.astype(np.float64)[:, None] * (s2 / 2 + 0.5) * 1.001
+    assert (np.abs(p.dequantize() - w)[inside] <= bound[inside]).all()
+
+
+def test_progressive_beats_per_channel():
+    rng = np.random.default_rng(0)
+    w = heavy_tailed(rng, (128, 512))
+    e_g = np.linalg.norm(ref.progressive_quantize(w).dequantize() - w)
+    e_c = np.linalg.norm(ref.per_channel_quantize(w).dequantize() - w)
+    assert e_g < e_c
+
+
+def test_per_channel_error_bound():
+    rng = np.random.default_rng(1)
+    w = heavy_tailed(rng, (32, 300))
+    c = ref.per_channel_quantize(w)
+    assert c.q.max() <= 15
+    step = c.s.astype(np.float64)[:, None]
+    assert (np.abs(c.dequantize() - w) <= step / 2 + 2e-3 * np.abs(w).max()).all()
+
+
+def test_per_token_activations():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 96)) * rng.uniform(0.1, 50, size=(7, 1))
+    q, s = ref.quantize_per_token(x)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and q.min() >= -127
+    err = np.abs(q * s.astype(np.float64) - x)
+    assert (err <= s.astype(np.float64) * 0.5 + 1e-3 * np.abs(x).max(axis=1, keepdims=True)).all()
+
+
+def test_kv4_per_token_head():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 64)) * rng.uniform(0.5, 8, size=(5, 4, 1)) + rng.uniform(-3, 3, size=(5, 4, 1))
+    q, s, lo = ref.kv4_quantize(x)
+    assert q.max() <= 15 and s.shape == lo.shape == (5, 4)
+    err = np.abs(ref.kv4_dequantize(q, s, lo) - x)
+    assert (err <= s.astype(np.float64)[..., None] * 0.5 + 2e-2).all()
+    assert np.linalg.norm(ref.kv4_dequantize(q, s, lo) - x) / np.linalg.norm(x) < 0.1
