@@ -1,4 +1,4 @@
-"""The ``qoqc`` command line: ``compile`` and ``chat``.
+"""The ``qoqc`` command line: ``compile``, ``chat`` and ``eval``.
 
 Every ``QoqcError`` (bad model, target, artifact, prompt) is printed as one line
 ``qoqc: error: ...`` with exit status 2; no traceback for input the user can fix.
@@ -38,7 +38,45 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=0.95)
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--seed", type=int, default=None)
+    ev = sub.add_parser("eval", help="perplexity of an artifact (or a model, compiled first) on a text")
+    ev.add_argument("model", help="artifact directory, or a model directory / .gguf to compile first")
+    ev.add_argument("--text", required=True, help="UTF-8 text file to score")
+    ev.add_argument("--wikitext", action="store_true",
+                    help="the file is wiki.test.raw: score the standard \"\\n\\n\".join(rows) string")
+    ev.add_argument("--seq-len", type=int, default=2048, help="window length in tokens (default: 2048)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's target)")
+    ev.add_argument("--target", default="llvm", help="when compiling a model first: llvm or cuda")
+    ev.add_argument("--quant", default="fp16", help="when compiling a model first: the quantization scheme")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _evaluate(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from .runtime.artifact import MANIFEST, read_manifest
+    from .runtime.engine import Engine
+    from .runtime.evaluate import perplexity, wikitext_text
+
+    text_file = Path(args.text)
+    if not text_file.is_file():
+        raise QoqcError(f"text file does not exist: {text_file}")
+    text = wikitext_text(text_file) if args.wikitext else text_file.read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="qoqc-eval-") as tmp:
+        art = Path(args.model)
+        if not (art / MANIFEST).is_file():
+            from .compiler import compile as compile_model
+
+            art = compile_model(art, target=args.target, quant=args.quant, output=Path(tmp) / "artifact",
+                                progress=not args.quiet)
+        kind = read_manifest(art, verify=False)["target"]["kind"]
+        engine = Engine(art, device=args.device or ("cuda" if kind == "cuda" else "cpu"),
+                        max_total_tokens=args.seq_len, prefill_chunk_size=args.seq_len)
+        r = perplexity(engine, text, args.seq_len, args.max_tokens, progress=not args.quiet)
+    print(f"windows: {r.windows} x {args.seq_len} tokens ({r.scored_tokens} scored of {r.total_tokens})")
+    print(f"perplexity: {r.perplexity:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             out = compile_model(args.model, target=args.target, quant=args.quant, output=args.output,
                                 arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet)
             print(out)
+        elif args.command == "eval":
+            _evaluate(args)
         else:
             from .runtime.chat import run_chat
 

@@ -139,17 +139,18 @@ class Engine:
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def _ids(self, prompt: str | Sequence[int], room: int = 1) -> list[int]:
+        """Validated token ids of a prompt that leaves ``room`` free positions in the context."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise QoqcError("empty prompt")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise QoqcError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) >= self.context_window:
-            raise QoqcError(
-                f"prompt has {len(ids)} tokens, over the context window of {self.context_window} "
-                f"(it must leave room for at least one new token)")
+        if len(ids) + room > self.context_window:
+            room_note = " (it must leave room for at least one new token)" if room else ""
+            raise QoqcError(f"prompt has {len(ids)} tokens, over the context window of {self.context_window}"
+                            f"{room_note}")
         return ids
 
     # ---------------------------------------------------------------- sequence steps (the serving primitives)
@@ -204,7 +205,7 @@ class Engine:
     # ---------------------------------------------------------------- public API
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] (float32) of a whole sequence, for evaluation."""
-        ids = self._ids(ids)
+        ids = self._ids(ids, room=0)
         sid = self.add_sequence()
         try:
             return self.prefill([(sid, ids)], all_logits=True)[0]
