@@ -13,11 +13,13 @@ PKG = ROOT / "qoq_compiler"
 #: module group -> qoqc groups (and third-party roots) it must not import
 FORBIDDEN = {
     "config": {"frontend", "compiler", "runtime", "schedules", "torch", "transformers"},
+    "layout": {"frontend", "compiler", "runtime", "schedules", "quant", "config", "torch", "tvm"},
     "errors": {"frontend", "compiler", "runtime", "schedules", "config"},
     "frontend": {"compiler", "runtime", "schedules", "quant"},
     "quant": {"compiler", "runtime", "schedules"},
     "runtime": {"frontend", "compiler", "schedules", "torch"},  # (tvm itself may import torch)
-    "schedules": {"qoq_compiler"},
+    "schedules": {"qoq_compiler.frontend", "qoq_compiler.quant", "qoq_compiler.compiler", "qoq_compiler.runtime",
+                  "qoq_compiler.cli"},  # kernels see only the leaves (layout, errors, tvm_env)
 }
 
 
@@ -35,7 +37,8 @@ def _imports(path: Path) -> set[str]:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
-                names.add(node.module.split(".")[0])
+                parts = node.module.split(".")
+                names.add(".".join(parts[:2]) if parts[0] == "qoq_compiler" else parts[0])
             else:  # relative: resolve to the qoqc group it names
                 base = path.relative_to(ROOT).with_suffix("").parts[:-node.level]
                 target = (*base, *(node.module.split(".") if node.module else ()))
