@@ -53,19 +53,46 @@ def test_compile_then_chat_one_shot(tmp_path, capsys):
     assert rc == 2 and "no chat template" in capsys.readouterr().err
 
 
-@requires_shared_data()
-def test_interactive_chat_session(tmp_path):
-    """Two turns, /reset and /exit through stdin, with a template-bearing tokenizer."""
+@pytest.fixture(scope="module")
+def chat_artifact(tmp_path_factory):
+    """stories260K with a minimal chat template added (it ships none), manifest re-signed."""
     from transformers import AutoTokenizer
 
-    out = compile(STORIES, target="llvm", quant="fp32", output=tmp_path / "a", progress=False)
-    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    tok.save_pretrained(str(out / "tokenizer"))
-    manifest = json.loads((out / "manifest.json").read_text())
     from qoq_compiler.runtime.artifact import write_manifest
 
+    out = compile(STORIES, target="llvm", quant="fp32", output=tmp_path_factory.mktemp("chat") / "a", progress=False)
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}. {% endfor %}"
+    tok.save_pretrained(str(out / "tokenizer"))
+    manifest = json.loads((out / "manifest.json").read_text())
     write_manifest(out, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+    return out
+
+
+@requires_shared_data()
+def test_multi_turn_reuses_the_cache_and_matches_a_fresh_prefill(chat_artifact):
+    from qoq_compiler.runtime.chat import Conversation
+
+    eng = load(chat_artifact)
+    conv = Conversation(eng)
+    for user in ("Once upon a time", "The dog ran", "Lily smiled"):
+        stream = conv.stream(user, max_new_tokens=10)
+        list(stream)
+        conv.answered(stream)
+        r = stream.result
+        full = eng.encode(eng.tokenizer.apply_chat_template(conv.messages[:-1], add_generation_prompt=True,
+                                                            tokenize=False), add_special_tokens=False)
+        assert r.token_ids == eng.generate(full, max_new_tokens=10).token_ids
+        if len(conv.messages) > 2:  # later turns prefill only what is new
+            assert r.prompt_tokens < len(full)
+    conv.reset()
+    assert eng.sequence_length(conv.seq) == 0
+
+
+@requires_shared_data()
+def test_interactive_chat_session(chat_artifact):
+    """Two turns, /reset and /exit through stdin, with a template-bearing tokenizer."""
+    out = chat_artifact
     proc = subprocess.run(
         [sys.executable, "-m", "qoq_compiler.cli", "chat", str(out), "--temperature", "0", "--max-new-tokens", "12"],
         input="Once upon a time\nThe dog\n/reset\nLily\n/exit\n", capture_output=True, text=True, timeout=300)

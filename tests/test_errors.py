@@ -136,3 +136,24 @@ def test_cli_process_exit_status(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"qoqc: error: model path does not exist: {tmp_path / 'nope'}"]
+
+
+def test_kv_cache_limits_are_checked(tiny_artifacts):
+    eng = load(tiny_artifacts["llama"], max_total_tokens=64, max_batch_size=2)
+    sid = eng.add_sequence()
+    eng.prefill([(sid, list(range(3, 60)))])
+    for _ in range(7):
+        eng.decode([sid], [5])
+    with pytest.raises(QoqcError, match="holds? 65 tokens, over the context window of 64"):
+        eng.decode([sid], [5])
+    other = [eng.add_sequence(), eng.add_sequence()]
+    with pytest.raises(QoqcError, match="at most 2"):
+        eng.decode([sid, *other], [1, 2, 3])
+    eng.remove_sequence(sid)
+    eng.prefill([(other[0], list(range(3, 40)))])
+    with pytest.raises(QoqcError, match="KV cache is full"):
+        eng.prefill([(other[1], list(range(3, 40)))])
+    with pytest.raises(QoqcError, match="not open"):
+        eng.decode([sid], [1])
+    eng.remove_sequence(other[0])
+    eng.prefill([(other[1], list(range(3, 40)))])  # the freed pages are usable again

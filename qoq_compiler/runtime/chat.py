@@ -14,39 +14,57 @@ from .engine import Engine
 
 
 class Conversation:
-    """Messages so far, rendered with the tokenizer's chat template into prompt token ids."""
+    """Messages so far, rendered with the tokenizer's chat template, and their KV cache.
+
+    The conversation lives in one KV-cache sequence. Each turn renders the whole conversation,
+    keeps the cached tokens it shares with the new prompt and prefills only the rest, so a turn
+    costs its own tokens, not the conversation's.
+    """
 
     def __init__(self, engine: Engine, system: str | None = None):
         self.engine, self.system = engine, system
         if not getattr(engine.tokenizer, "chat_template", None):
             raise QoqcError(f"artifact {engine.path} has no chat template; use the Python API for raw prompts")
+        self.seq = engine.add_sequence()
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.engine.truncate_sequence(self.seq, 0)
+        self.cached: list[int] = []  # the tokens the sequence holds
 
-    def prompt_ids(self, user: str) -> list[int]:
+    def stream(self, user: str, **sampling):
+        """Add a user message and return the engine's text stream of the answer."""
         self.messages.append({"role": "user", "content": user})
         text = self.engine.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
-        return self.engine.encode(text, add_special_tokens=False)
+        ids = self.engine.encode(text, add_special_tokens=False)
+        keep = 0
+        while keep < min(len(self.cached), len(ids) - 1) and self.cached[keep] == ids[keep]:
+            keep += 1
+        self.engine.truncate_sequence(self.seq, keep)
+        self.cached = ids[:keep]
+        try:
+            stream = self.engine.stream(ids[keep:], sequence=self.seq, **sampling)
+        except QoqcError:
+            self.messages.pop()
+            raise
+        self._prompt = ids
+        return stream
 
-    def answered(self, text: str) -> None:
-        self.messages.append({"role": "assistant", "content": text})
+    def answered(self, stream) -> None:
+        r = stream.result
+        self.messages.append({"role": "assistant", "content": r.text})
+        self.cached = (self._prompt + r.token_ids)[: self.engine.sequence_length(self.seq)]
 
 
-def _answer(engine: Engine, conv: Conversation, user: str, args) -> None:
-    try:
-        ids = conv.prompt_ids(user)
-        stream = engine.stream(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed)
-    except QoqcError:
-        conv.messages.pop()
-        raise
+def _answer(conv: Conversation, user: str, args) -> None:
+    stream = conv.stream(user, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
+    conv.answered(stream)
     r = stream.result
-    conv.answered(r.text)
     note = "" if r.finish_reason != "length" else " (stopped at the token limit)"
     sys.stdout.write(f"\n[prefill {r.prompt_tokens} tok, {r.prefill_tokens_per_s:.1f} tok/s | "
                      f"decode {len(r.token_ids)} tok, {r.decode_tokens_per_s:.1f} tok/s]{note}\n")
@@ -59,7 +77,7 @@ def run_chat(args) -> None:
     engine = Engine(args.artifact, device=device)
     conv = Conversation(engine, args.system)
     if args.prompt is not None:
-        _answer(engine, conv, args.prompt, args)
+        _answer(conv, args.prompt, args)
         return
     print(f"qoqc chat: {engine.path} on {device}. /reset clears the conversation, /exit quits.")
     while True:
@@ -78,6 +96,6 @@ def run_chat(args) -> None:
         if not cmd:
             continue
         try:
-            _answer(engine, conv, user, args)
+            _answer(conv, user, args)
         except QoqcError as e:  # e.g. the conversation outgrew the context: say so and keep the session
             print(f"qoqc: {e}; /reset to start over", file=sys.stderr)

@@ -107,8 +107,9 @@ class Engine:
             tvm_ffi.Shape([self.prefill_chunk_size]), tvm_ffi.Shape([PAGE_SIZE]), tvm_ffi.Shape([0]))
         self._f = {name: self.vm[name] for name in ("prefill", "decode")}
         self._fn_builtin = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
-                            for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")}
+                            for n in ("add_sequence", "remove_sequence", "popn", "begin_forward", "end_forward")}
         self._next_seq = 0
+        self._lengths: dict[int, int] = {}  # tokens held per live sequence
         self._tokenizer = None
 
     # ---------------------------------------------------------------- loading
@@ -148,9 +149,10 @@ class Engine:
         if bad:
             raise QoqcError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) + room > self.context_window:
-            room_note = " (it must leave room for at least one new token)" if room else ""
-            raise QoqcError(f"prompt has {len(ids)} tokens, over the context window of {self.context_window}"
-                            f"{room_note}")
+            held = f" after the {room - 1} tokens the sequence already holds" if room > 1 else ""
+            note = " (it must leave room for at least one new token)" if room else ""
+            raise QoqcError(f"prompt has {len(ids)} tokens{held}, over the context window of "
+                            f"{self.context_window}{note}")
         return ids
 
     # ---------------------------------------------------------------- sequence steps (the serving primitives)
@@ -159,13 +161,48 @@ class Engine:
         sid = self._next_seq
         self._next_seq += 1
         self._fn_builtin["add_sequence"](self.kv, sid)
+        self._lengths[sid] = 0
         return sid
 
     def remove_sequence(self, seq_id: int) -> None:
         """Free a sequence's KV-cache pages."""
         self._fn_builtin["remove_sequence"](self.kv, seq_id)
+        del self._lengths[seq_id]
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Tokens a sequence holds in the KV cache."""
+        return self._lengths[seq_id]
+
+    def truncate_sequence(self, seq_id: int, length: int) -> None:
+        """Drop a sequence's last tokens so that it holds ``length`` (e.g. to re-use a shared prefix)."""
+        if not 0 <= length <= self._lengths[seq_id]:
+            raise QoqcError(f"cannot truncate sequence {seq_id} of {self._lengths[seq_id]} tokens to {length}")
+        if length < self._lengths[seq_id]:
+            self._fn_builtin["popn"](self.kv, seq_id, self._lengths[seq_id] - length)
+            self._lengths[seq_id] = length
+
+    def _reserve(self, seq_ids: list[int], lens: list[int]) -> None:
+        """Check a step against the cache's limits before TVM's cache is touched."""
+        unknown = [s for s in seq_ids if s not in self._lengths]
+        if unknown:
+            raise QoqcError(f"sequence {unknown[0]} is not open (add_sequence first)")
+        if len(set(seq_ids)) > self.max_batch_size:
+            raise QoqcError(f"{len(set(seq_ids))} sequences in one step; this engine batches at most "
+                            f"{self.max_batch_size}")
+        after = dict(self._lengths)
+        for s, n in zip(seq_ids, lens):
+            after[s] += n
+            if after[s] > self.context_window:
+                raise QoqcError(f"sequence {s} would hold {after[s]} tokens, over the context window of "
+                                f"{self.context_window}")
+        pages = sum(-(-n // PAGE_SIZE) for n in after.values())
+        if pages > -(-self.context_window // PAGE_SIZE):
+            raise QoqcError(f"the KV cache is full: {sum(after.values())} tokens in {len(after)} sequences need "
+                            f"{pages} pages of {PAGE_SIZE}, the cache holds {self.context_window} tokens")
+        self._lengths = after
 
     def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
+        self._reserve(seq_ids, lens)
         self._fn_builtin["begin_forward"](self.kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lens))
         logits, _ = self._f[fn](*args, self.kv, self.params)
         self._fn_builtin["end_forward"](self.kv)
@@ -218,10 +255,18 @@ class Engine:
         return self.generate_batch([prompt], max_new_tokens, temperature, top_p, stop, seed)[0]
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None
-               ) -> TextStream:
-        """Like ``generate``, but iterating yields text pieces as they are decoded."""
-        req = self._request(prompt, max_new_tokens, temperature, top_p, stop, seed)
+               top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None,
+               sequence: int | None = None) -> TextStream:
+        """Like ``generate``, but iterating yields text pieces as they are decoded.
+
+        With ``sequence`` (an open sequence id) the prompt continues what that sequence already
+        holds in the KV cache, and the sequence stays open afterwards: multi-turn chat re-uses
+        the conversation so far instead of computing it again.
+        """
+        held = 0 if sequence is None else self.sequence_length(sequence)
+        req = self._request(prompt, max_new_tokens, temperature, top_p, stop, seed, held)
+        if sequence is not None:
+            req.seq_id = sequence
         return TextStream(self._run([req], streaming=True))
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
@@ -232,9 +277,10 @@ class Engine:
             raise QoqcError(f"batch of {len(prompts)} prompts; this engine holds 1 to {self.max_batch_size}")
         reqs = [self._request(p, max_new_tokens, temperature, top_p, stop,
                               None if seed is None else seed + i) for i, p in enumerate(prompts)]
-        used = sum(len(r.prompt) + r.max_new_tokens for r in reqs)
-        if used > self.context_window and len(reqs) > 1:
-            raise QoqcError(f"batch needs up to {used} KV-cache tokens; the cache holds {self.context_window}")
+        pages = sum(-(-(len(r.prompt) + r.max_new_tokens) // PAGE_SIZE) for r in reqs)
+        if pages > -(-self.context_window // PAGE_SIZE):
+            raise QoqcError(f"batch needs up to {pages} KV-cache pages of {PAGE_SIZE} tokens; the cache holds "
+                            f"{self.context_window} tokens")
         it = self._run(reqs, streaming=False)
         try:
             while True:
@@ -242,19 +288,20 @@ class Engine:
         except StopIteration as stop_it:
             return stop_it.value
 
-    def _request(self, prompt, max_new_tokens, temperature, top_p, stop, seed) -> _Request:
+    def _request(self, prompt, max_new_tokens, temperature, top_p, stop, seed, held: int = 0) -> _Request:
         if max_new_tokens < 1:
             raise QoqcError("max_new_tokens must be at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise QoqcError(f"invalid sampling parameters temperature={temperature}, top_p={top_p}")
-        ids = self._ids(prompt)
+        ids = self._ids(prompt, room=1 + held)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return _Request(-1, ids, min(max_new_tokens, self.context_window - len(ids)), temperature, top_p,
+        return _Request(-1, ids, min(max_new_tokens, self.context_window - held - len(ids)), temperature, top_p,
                         stops, np.random.default_rng(seed))
 
     def _run(self, reqs: list[_Request], streaming: bool):
         """Generator: yields text pieces of reqs[0] when streaming; returns the results."""
-        for r in reqs:
+        opened = [r for r in reqs if r.seq_id < 0]
+        for r in opened:
             r.seq_id = self.add_sequence()
         try:
             t0 = time.perf_counter()
@@ -275,7 +322,7 @@ class Engine:
                         yield piece
             t2 = time.perf_counter()
         finally:
-            for r in reqs:
+            for r in opened:
                 self.remove_sequence(r.seq_id)
         return [GenerationResult(r.out, r.text if self.manifest.get("tokenizer") else "", len(r.prompt),
                                  r.finish, t1 - t0, t2 - t1) for r in reqs]
