@@ -1,0 +1,57 @@
+"""Calibration samples and statistics (K after RoPE checked against transformers' own RoPE call)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from qoq_compiler import QoqcError
+from qoq_compiler.quant.calibrate import DEFAULT_TEXT, calibration_tokens, collect_stats, read_text
+from conftest import STORIES, hf_model, requires_shared_data
+
+
+@requires_shared_data()
+def test_calibration_tokens_are_seeded_windows():
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    text = read_text()
+    assert DEFAULT_TEXT.is_file() and "Pride" in text[:200].title()
+    a = calibration_tokens(tok, text, samples=16, seq_len=64, seed=1)
+    b = calibration_tokens(tok, text, samples=16, seq_len=64, seed=1)
+    assert a.shape == (16, 64) and torch.equal(a, b)
+    assert not torch.equal(a, calibration_tokens(tok, text, samples=16, seq_len=64, seed=2))
+    with pytest.raises(QoqcError, match="fewer than one sample"):
+        calibration_tokens(tok, "short text", samples=1, seq_len=64)
+    with pytest.raises(QoqcError, match="does not exist"):
+        read_text("/nonexistent.txt")
+
+
+@pytest.mark.parametrize("name,module", [("llama", "llama"), ("qwen2", "qwen2"), ("mistral", "mistral")])
+def test_stats_match_transformers_rope_and_mlp(name, module, tiny_dirs, monkeypatch):
+    model = hf_model(tiny_dirs[name])
+    tokens = torch.randint(3, 512, (6, 40), generator=torch.Generator().manual_seed(0))
+    stats = collect_stats(model, tokens, batch_size=4, progress=False)
+
+    seen_k, seen_down = [], []
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    original = mod.apply_rotary_pos_emb
+
+    def recording(q, k, cos, sin, *args, **kwargs):
+        q2, k2 = original(q, k, cos, sin, *args, **kwargs)
+        seen_k.append(k2.detach())  # [B, Hkv, T, D]
+        return q2, k2
+
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", recording)
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, i: seen_down.append(i[0].detach()))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    for i, s in enumerate(stats):
+        ref_k = seen_k[i].abs().amax(dim=(0, 2)).double()
+        ref_down = seen_down[i].abs().reshape(-1, seen_down[i].shape[-1]).amax(dim=0).double()
+        assert torch.allclose(s.k_absmax, ref_k, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(s.down_absmax, ref_down, rtol=1e-5, atol=1e-6)
