@@ -16,7 +16,8 @@ group scale fits one unsigned byte, which is what lets the GEMM scale four weigh
 multiply. P = 119 is the paper's and lmquant's bound; deepcompressor's search finds 120 for a
 post-scale zero, and 119 is the conservative choice that keeps W1_hat inside int8 for every group.
 
-Per-channel variant (``per_channel_quantize``):  s = fp16((max - min) / 15), z = fp16(-min),
+Per-channel variant (``per_channel_quantize``):  s = fp16((max - min) / 15), z = fp16(-min)
+    (max and min optionally shrunk by a clipping ratio found by ``quant.clipping``),
     q = clamp(round((W + z) / s), 0, 15),  W_hat = q * s - z.
 Activations (``quantize_per_token``): symmetric INT8 per token, s_a = fp16(max |x| / 127),
     q = clamp(round(x / s_a), -127, 127).
@@ -92,9 +93,11 @@ class ChannelWeight:
         return self.q.astype(np.float32) * self.s.astype(np.float32)[:, None] - self.z.astype(np.float32)[:, None]
 
 
-def per_channel_quantize(w: np.ndarray) -> ChannelWeight:
+def per_channel_quantize(w: np.ndarray, ratio: np.ndarray | float = 1.0) -> ChannelWeight:
+    """``ratio`` [N] (or scalar) in (0, 1] shrinks each channel's range before quantizing (clipping)."""
     w = np.asarray(w, dtype=np.float64)
-    vmin, vmax = w.min(axis=1), w.max(axis=1)
+    r = np.broadcast_to(np.asarray(ratio, dtype=np.float64), (w.shape[0],))
+    vmin, vmax = w.min(axis=1) * r, w.max(axis=1) * r
     s = (np.maximum(vmax - vmin, 1e-8) / 15).astype(np.float16)
     z = (-vmin).astype(np.float16)
     q = np.clip(np.round((w + z.astype(np.float64)[:, None]) / s.astype(np.float64)[:, None]), 0, 15)
