@@ -1,0 +1,52 @@
+"""W8A8 linear layer: per-token INT8 activations x per-channel INT8 weights -> int32 -> float.
+
+    sx[t]      = fp16(max_k |x[t, k]| / 127)                   per-token symmetric scale
+    qx[t, k]   = clamp(round(x[t, k] / sx[t]), -127, 127)      int8
+    psum[t, n] = sum_k qx[t, k] * qw[n, k]                     int8 x int8 -> int32 (exact)
+    y[t, n]    = psum[t, n] * sx[t] * sw[n]                    fp32 epilogue (sw: fp16 per output channel)
+
+Weights are quantized offline (``quant.reference.quantize_per_token`` on W's rows gives qw, sw).
+The compute is written in TE over a token axis of any rank, so the model emits it as is and the
+target's schedule rules pick it up (on CPU, ``cpu_matmul``'s k-innermost reduction rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+
+def quantize_per_token(x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    """x [..., K] float -> (qx int8 [..., K], sx fp16 [..., 1])."""
+    *lead, k = x.shape
+    r = te.reduce_axis((0, k), name="k")
+    amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(x[(*i[:-1], r)].astype("float32")), axis=r), name="amax")
+    sx = te.compute((*lead, 1), lambda *i: (te.max(amax[i], tirx.const(1e-8, "float32")) / 127.0).astype("float16"),
+                    name="sx")
+
+    def quant(*i):
+        v = te.round(x[i].astype("float32") / sx[(*i[:-1], 0)].astype("float32"))
+        return te.min(te.max(v, tirx.const(-127.0, "float32")), tirx.const(127.0, "float32")).astype("int8")
+
+    return te.compute(x.shape, quant, name="qx"), sx
+
+
+def w8a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, sw: te.Tensor) -> te.Tensor:
+    """qx [..., K] int8, sx [..., 1] fp16, qw [N, K] int8, sw [N] fp16 -> y [..., N] fp32."""
+    *lead, k = qx.shape
+    n = qw.shape[0]
+    r = te.reduce_axis((0, k), name="k")
+    psum = te.compute((*lead, n), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32") * qw[i[-1], r].astype("int32"),
+                                                     axis=r), name="psum")
+    return te.compute((*lead, n), lambda *i: psum[i].astype("float32") * sx[(*i[:-1], 0)].astype("float32")
+                      * sw[i[-1]].astype("float32"), name="y")
+
+
+def reference(x: np.ndarray, qw: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy (psum int32, y fp32) of the same math, activations quantized as above."""
+    xf = np.asarray(x, dtype=np.float32)
+    sx = (np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(1e-8)) / np.float32(127)).astype(np.float16)
+    qx = np.clip(np.round(xf / sx.astype(np.float32)), -127, 127).astype(np.int64)
+    psum = qx @ qw.astype(np.int64).T
+    y = psum.astype(np.float32) * sx.astype(np.float32) * sw.astype(np.float32)
+    return psum.astype(np.int32), y
