@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm", help="llvm or cuda (default: llvm)")
     c.add_argument("--arch", default=None,
                    help="cuda: sm_80, sm_89 or sm_90 (default sm_80); llvm: an LLVM CPU name (default: this CPU)")
-    c.add_argument("--quant", default="fp16", help="quantization scheme: fp16 or fp32 (default: fp16)")
+    c.add_argument("--quant", default="fp16", help="quantization scheme: fp16, fp32 or w8a8 (default: fp16)")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
     c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")
     c.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -24,11 +24,12 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import QUANT_SCHEMES
+from .config import QUANT_SCHEMES, QuantScheme
 from .errors import QoqcError
 from .frontend.checkpoint import default_model_path, open_checkpoint
 from .frontend.llama import ENTRY_POINTS, LlamaForCausalLM
 from .frontend.loader import convert
+from .quant.convert import quantizer
 from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
 from .tvm_env import tvm
 
@@ -68,7 +69,7 @@ def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
         ("graph", seq([t.FuseTransposeMatmul()])),
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
-        ("schedule", tvm.s_tir.dlight.ApplyDefaultSchedule(*schedules.default_rules(target))),
+        ("schedule", schedules.schedule(target)),
         ("vm", seq([t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(),
                     t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.RewriteCUDAGraph(),
                     t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin(),
@@ -81,17 +82,19 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
     return Path("dist") / f"{name}-{quant}-{target}"
 
 
-def compile(model: str | Path | None = None, target: str = "llvm", quant: str = "fp16",
+def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = "fp16",
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
             progress: bool = True) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
-    an artifact directory and return its path."""
-    if quant not in QUANT_SCHEMES:
+    an artifact directory and return its path. ``quant`` names a scheme of ``QUANT_SCHEMES`` or is a
+    ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly)."""
+    if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
+    quant = scheme.name
     tgt = make_target(target, arch)
     model_path = Path(model) if model is not None else default_model_path()
     out = Path(output) if output is not None else _default_output(model_path, quant, target)
-    dtype = QUANT_SCHEMES[quant]
 
     with writing(out) as tmp:
         say = tqdm.write if progress else (lambda *_: None)
@@ -104,14 +107,14 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str = 
             say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
 
         t0 = time.perf_counter()
-        model = LlamaForCausalLM(cfg, dtype, tgt)
+        model = LlamaForCausalLM(cfg, scheme, tgt, kernels=schedules.kernels)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
         if dump_ir:
             (tmp / "ir").mkdir()
             (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
 
-        shards = _write_params(tmp, convert(ckpt, params), len(params), progress)
+        shards = _write_params(tmp, convert(ckpt, params, quantizer(scheme)), len(params), progress)
 
         phases = pipeline_phases(tgt)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
@@ -141,7 +144,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str = 
             "target": {"name": target, **{k: str(v) for k, v in tgt.export().items()
                                           if k in ("kind", "arch", "mcpu")}},
             "quant": quant,
-            "dtype": dtype,
+            "dtype": scheme.dtype,
             "source": str(model_path.absolute()),
             "model": cfg.to_dict(),
             "entry_points": list(ENTRY_POINTS),

@@ -24,10 +24,20 @@ SUPPORTED_ARCHITECTURES = {
 #: RoPE scaling types the generated kernels implement exactly (as transformers does).
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
-#: --quant schemes: name -> storage/compute dtype of weights and activations.
+@dataclass(frozen=True)
+class QuantScheme:
+    """How a scheme stores linear-layer weights; activations, norms and embeddings use ``dtype``."""
+
+    name: str
+    dtype: str  # activations and unquantized parameters
+    weights: str = "float"  # "float" (in dtype) or "int8" (per-channel, with per-token int8 activations)
+
+
+#: --quant schemes by name.
 QUANT_SCHEMES = {
-    "fp16": "float16",
-    "fp32": "float32",
+    "fp16": QuantScheme("fp16", "float16"),
+    "fp32": QuantScheme("fp32", "float32"),
+    "w8a8": QuantScheme("w8a8", "float16", weights="int8"),
 }
 
 

@@ -14,11 +14,12 @@ nvcc = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
-def test_tiny_model_cuda_artifact_compiles_with_nvcc(tiny_dirs, tmp_path):
-    out = compile(tiny_dirs["qwen2"], target="cuda", arch="sm_90", quant="fp16", output=tmp_path / "cuda",
+@pytest.mark.parametrize("name,quant", [("qwen2", "fp16"), ("llama", "w8a8")])
+def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, tiny_dirs, tmp_path):
+    out = compile(tiny_dirs[name], target="cuda", arch="sm_90", quant=quant, output=tmp_path / "cuda",
                   dump_ir=True, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"] == {"name": "cuda", "kind": "cuda", "arch": "sm_90"}
+    assert manifest["target"] == {"name": "cuda", "kind": "cuda", "arch": "sm_90"} and manifest["quant"] == quant
     assert {"model.so", "ir/relax_before.py", "ir/relax_after.py", "ir/kernels.cu"} <= set(manifest["files"])
     src = (out / "ir" / "kernels.cu").read_text()
     assert "__global__" in src

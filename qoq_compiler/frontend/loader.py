@@ -4,12 +4,16 @@
     model.layers.{i}.mlp.gate_up_proj.weight          = concat(gate_proj, up_proj)      along rows
 and every other parameter has the HF name unchanged. Rows of nn.Linear weights are output
 features ([out, in], as in torch), so concatenation along axis 0 fuses the projections.
+
+A parameter the module declares with an integer dtype is a quantized weight: its fused float
+tensor goes to ``quantize(name, w)``, which returns that parameter and its companions (e.g.
+``*.weight_scale``), yielded when the module's order reaches them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,16 +37,24 @@ def hf_sources(name: str) -> tuple[str, ...]:
     return (name,)
 
 
-def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]]
+def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]],
+            quantize: Callable[[str, torch.Tensor], dict[str, np.ndarray]] | None = None
             ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) for each (name, shape, dtype) the exported module declares, in that order."""
     available = set(ckpt.names)
+    derived: dict[str, np.ndarray] = {}
     for name, shape, dtype in params:
+        if name in derived:
+            yield name, derived.pop(name)
+            continue
+        quantized = not dtype.startswith("float")
+        if quantized and quantize is None:
+            raise QoqcError(f"parameter {name} is {dtype} but no quantizer was given")
         sources = hf_sources(name)
         missing = [s for s in sources if s not in available]
         if missing:
             raise QoqcError(f"checkpoint {ckpt.path} lacks tensor {missing[0]} (needed for {name})")
-        parts = [ckpt.read(s).to(getattr(torch, dtype)) for s in sources]
+        parts = [ckpt.read(s).to(torch.float32 if quantized else getattr(torch, dtype)) for s in sources]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(t.shape) != tuple(shape):
             raise QoqcError(
@@ -50,4 +62,10 @@ def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]]
             )
         if not torch.isfinite(t).all():
             raise QoqcError(f"tensor {'+'.join(sources)} holds NaN or Inf after conversion to {dtype}")
-        yield name, t.contiguous().numpy()
+        if quantized:
+            derived.update(quantize(name, t))
+            yield name, derived.pop(name)
+        else:
+            yield name, t.contiguous().numpy()
+    if derived:
+        raise QoqcError(f"quantizer produced parameters the module does not declare: {', '.join(derived)}")
