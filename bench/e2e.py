@@ -6,8 +6,8 @@ Compiles MODEL (default: the embedded SmolLM2-135M-Instruct), then for each engi
 request, then ``--repeats`` timed requests of a random ``--prompt-len``-token prompt (fixed seed,
 never all zeros) with ``--new-tokens`` greedy tokens forced (EOS ignored by generating token ids).
 Reports prefill tokens/s (prompt tokens / time to first token) and decode tokens/s (median).
-The baseline is transformers ``generate`` (SDPA attention, same dtype, same device), and the
-greedy tokens of both are compared. Prints a Markdown table for bench/RESULTS.md.
+The baseline is transformers ``generate`` (SDPA attention, the artifact's activation dtype, same
+device), and the greedy tokens of both are compared (a quantized scheme may diverge after a while). Prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def main():
     ids = [int(t) for t in np.random.default_rng(0).integers(100, engine.config.vocab_size, size=args.prompt_len)]
 
     rows = [("qoqc " + args.quant, *bench_qoqc(engine, ids, args.new_tokens, args.repeats))]
-    dtype = torch.float16 if args.quant == "fp16" else torch.float32
-    rows.append((f"transformers {args.quant} (SDPA)", *bench_hf(model_path, ids, args.new_tokens,
+    dtype = getattr(torch, engine.manifest["dtype"])  # the baseline runs in the artifact's activation dtype
+    rows.append((f"transformers {engine.manifest['dtype']} (SDPA)", *bench_hf(model_path, ids, args.new_tokens,
                                                                  args.repeats, device, dtype)))
     same = rows[0][3] == rows[1][3]
     agree = next((i for i, (a, b) in enumerate(zip(rows[0][3], rows[1][3])) if a != b), len(rows[0][3]))
