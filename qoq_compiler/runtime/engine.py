@@ -63,6 +63,7 @@ class _Request:
     out: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    streaming: bool = False  # text is needed at every step (streaming or stop strings), else only at the end
 
 
 class TextStream:
@@ -300,6 +301,7 @@ class Engine:
 
     def _run(self, reqs: list[_Request], streaming: bool):
         """Generator: yields text pieces of reqs[0] when streaming; returns the results."""
+        reqs[0].streaming = streaming
         opened = [r for r in reqs if r.seq_id < 0]
         for r in opened:
             r.seq_id = self.add_sequence()
@@ -350,8 +352,8 @@ class Engine:
             r.finish = "eos"
         elif len(r.out) >= r.max_new_tokens:
             r.finish = "length"
-        if not self.manifest.get("tokenizer"):
-            return ""
+        if not self.manifest.get("tokenizer") or (r.finish is None and not r.streaming and not r.stop):
+            return ""  # detokenizing every step costs O(n) each: only done when someone reads it
         text = self.decode_text(r.out)
         for s in r.stop:
             cut = text.find(s)
