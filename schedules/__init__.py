@@ -13,12 +13,15 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import dlight as dl
 
-from . import w8a8_gemm
+from . import kv4_attention, w4a8_gemm, w8a8_gemm
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
 
 #: Compute definitions that the model's quantized layers emit (handed to the frontend by the compiler).
-kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul)
+kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul,
+                          w4a8_matmul=w4a8_gemm.w4a8_matmul, rope=kv4_attention.rope,
+                          kv4_quantize=kv4_attention.kv4_quantize, kv4_scatter=kv4_attention.kv4_scatter,
+                          kv4_attention=kv4_attention.kv4_attention)
 
 
 @tvm.transform.module_pass(opt_level=0, name="KeepInt8OffWmma")

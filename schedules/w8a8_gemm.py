@@ -21,7 +21,7 @@ def quantize_per_token(x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
     *lead, k = x.shape
     r = te.reduce_axis((0, k), name="k")
     amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(x[(*i[:-1], r)].astype("float32")), axis=r), name="amax")
-    sx = te.compute((*lead, 1), lambda *i: (te.max(amax[i], tirx.const(1e-8, "float32")) / 127.0).astype("float16"),
+    sx = te.compute((*lead, 1), lambda *i: (te.max(amax[i], tirx.const(1e-4, "float32")) / 127.0).astype("float16"),
                     name="sx")
 
     def quant(*i):
@@ -45,7 +45,7 @@ def w8a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, sw: te.Tensor) -> t
 def reference(x: np.ndarray, qw: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """NumPy (psum int32, y fp32) of the same math, activations quantized as above."""
     xf = np.asarray(x, dtype=np.float32)
-    sx = (np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(1e-8)) / np.float32(127)).astype(np.float16)
+    sx = (np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(1e-4)) / np.float32(127)).astype(np.float16)
     qx = np.clip(np.round(xf / sx.astype(np.float32)), -127, 127).astype(np.int64)
     psum = qx @ qw.astype(np.int64).T
     y = psum.astype(np.float32) * sx.astype(np.float32) * sw.astype(np.float32)
