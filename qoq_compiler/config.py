@@ -25,12 +25,45 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 @dataclass(frozen=True)
+class QoQPasses:
+    """The calibration passes of a QoQ scheme (defaults: deepcompressor's ``qoq-g128.yaml``).
+
+    ``smooth_attn_alpha`` None turns SmoothAttention off; ``smooth_down`` (alpha, beta) or None
+    turns SmoothLinear on down_proj off; ``reorder`` sorts down_proj's input channels (g128 only);
+    ``clip`` grid-searches per-channel clipping ratios (per-channel weights only).
+    """
+
+    rotation: bool = True
+    smooth_attn_alpha: float | None = 0.5
+    smooth_down: tuple[float, float] | None = (0.3, 0.7)
+    reorder: bool = True
+    clip: bool = False
+    gptq: bool = True
+    calib_text: str | None = None  # file or directory of *.txt; None: the packaged default
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+
+
+@dataclass(frozen=True)
 class QuantScheme:
-    """How a scheme stores linear-layer weights; activations, norms and embeddings use ``dtype``."""
+    """How a scheme stores linear-layer weights and the KV cache; activations, norms and
+    embeddings use ``dtype``.
+
+    ``weights``: "float" (in dtype), "int8" (per-channel, per-token int8 activations) or "int4"
+    (UINT4, per-token int8 activations): progressive with int8 group scales when ``group`` is set,
+    per output channel when it is None. ``kv``: "float" (dtype) or "int4" (KV4). ``passes``: the
+    QoQ calibration passes, or None for round-to-nearest.
+    """
 
     name: str
-    dtype: str  # activations and unquantized parameters
-    weights: str = "float"  # "float" (in dtype) or "int8" (per-channel, with per-token int8 activations)
+    dtype: str
+    weights: str = "float"
+    group: int | None = None
+    kv: str = "float"
+    passes: QoQPasses | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 #: --quant schemes by name.
@@ -38,6 +71,12 @@ QUANT_SCHEMES = {
     "fp16": QuantScheme("fp16", "float16"),
     "fp32": QuantScheme("fp32", "float32"),
     "w8a8": QuantScheme("w8a8", "float16", weights="int8"),
+    "rtn-w4a8kv4": QuantScheme("rtn-w4a8kv4", "float16", weights="int4", group=128, kv="int4"),
+    "qoq-w4a8kv4-g128": QuantScheme("qoq-w4a8kv4-g128", "float16", weights="int4", group=128, kv="int4",
+                                    passes=QoQPasses()),
+    # deepcompressor's qoq-gchn.yaml: no reordering, clipping search, gentler down_proj smoothing
+    "qoq-w4a8kv4-chn": QuantScheme("qoq-w4a8kv4-chn", "float16", weights="int4", kv="int4",
+                                   passes=QoQPasses(smooth_down=(0.1, 0.9), reorder=False, clip=True)),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qoq_compiler import QoqcError
-from qoq_compiler.quant.calibrate import DEFAULT_TEXT, calibration_tokens, collect_stats, read_text
+from qoq_compiler.quant.calibrate import DEFAULT_TEXT, calibration_tokens, collect_stats, iter_layer_stats, read_text
 from conftest import STORIES, hf_model, requires_shared_data
 
 
@@ -55,3 +55,22 @@ def test_stats_match_transformers_rope_and_mlp(name, module, tiny_dirs, monkeypa
         ref_down = seen_down[i].abs().reshape(-1, seen_down[i].shape[-1]).amax(dim=0).double()
         assert torch.allclose(s.k_absmax, ref_k, rtol=1e-5, atol=1e-6)
         assert torch.allclose(s.down_absmax, ref_down, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_hessians_are_the_inputs_second_moments(tiny_dirs):
+    model = hf_model(tiny_dirs["llama"])
+    tokens = torch.randint(3, 512, (5, 24), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    layer = model.model.layers[1]
+    mods = {"qkv": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.up_proj,
+            "down": layer.mlp.down_proj}
+    hooks = [m.register_forward_pre_hook(lambda _m, i, key=key: seen.setdefault(key, i[0].detach()))
+             for key, m in mods.items()]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    stats = dict(iter_layer_stats(model, tokens, batch_size=2, hessians=True, progress=False))
+    for key, x in seen.items():
+        x = x.reshape(-1, x.shape[-1]).double()
+        assert torch.allclose(stats[1].hessians[key], 2 / len(x) * x.T @ x, rtol=1e-4, atol=1e-6), key

@@ -6,27 +6,12 @@ import pytest
 import torch
 
 from qoq_compiler import compile, load
-from qoq_compiler.config import QuantScheme
-from qoq_compiler.quant.reference import quantize_per_token
+from qoq_compiler.config import QUANT_SCHEMES, QuantScheme
+from qoq_compiler.quant.qoq import quantize_model
+from qoq_compiler.quant.simulate import simulate
 from conftest import STORIES, hf_model, rel_err, requires_shared_data
 
 PROMPT = [1, 45, 300, 17, 99, 260, 4, 511, 128, 77, 300, 12, 5, 6]
-
-
-def fake_quant_w8a8(model) -> None:
-    """Replace each decoder linear by its W8A8 simulation: per-token int8 x, per-channel int8 W."""
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            qw, sw = quantize_per_token(lin.weight.detach().double().numpy())
-            w_hat = torch.from_numpy(qw.astype("float64") * sw.astype("float64")).float()
-
-            def forward(x, lin=lin, w_hat=w_hat):
-                sx = (x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127).half().float()
-                y = (torch.clamp(torch.round(x / sx), -127, 127) * sx) @ w_hat.T
-                return y if lin.bias is None else y + lin.bias
-
-            lin.forward = forward
 
 
 def _logits(src, scheme, tmp_path, **hf_kwargs):
@@ -35,7 +20,8 @@ def _logits(src, scheme, tmp_path, **hf_kwargs):
         ids = torch.tensor([PROMPT])
         ref = hf_model(src, **hf_kwargs)
         float_logits = ref(ids).logits[0].numpy()
-        fake_quant_w8a8(ref)
+        sim = QUANT_SCHEMES["w8a8"]  # the simulation runs in the model's fp32 whatever the scheme's dtype
+        simulate(ref, sim, quantize_model(ref, None, sim, progress=False))
         quant_logits = ref(ids).logits[0].numpy()
     return eng, eng.logits(PROMPT), quant_logits, float_logits
 

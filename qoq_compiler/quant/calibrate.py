@@ -4,18 +4,27 @@
 public-domain ``data/calibration.txt``), tokenizes their concatenation and draws N windows of L
 tokens at seeded random offsets (defaults 128 x 512).
 
-``collect_stats`` runs the model over the samples (batched, on the GPU when there is one) with
-forward hooks, and returns per decoder layer:
-    k_absmax    [Hkv, D]  max |K| per KV-head channel, after RoPE   (SmoothAttention)
-    down_absmax [I]       max |x| per input channel of down_proj    (SmoothLinear)
+``iter_layer_stats`` runs the model over the samples one decoder layer at a time (batched; on the
+GPU when there is one, one layer there at a time): the hidden states of all samples are kept,
+each layer is run over them with hooks, and its outputs become the next layer's inputs. Per layer it yields
+    k_absmax    [Hkv, D]  max |K| per KV-head channel, after RoPE       (SmoothAttention)
+    down_absmax [I]       max |x| per input channel of down_proj        (SmoothLinear, reordering)
+    hessians    {"qkv", "o", "gate_up", "down"}: 2/T X^T X [K, K] float64 of each linear's
+                input X [T, K] (q/k/v share one input, as do gate/up)    (GPTQ, clipping search)
 RoPE is applied to the hooked k_proj output the way transformers does (rotate_half layout,
 cos/sin from the model's own rotary embedding), so llama3-scaled RoPE is honoured too.
+
+The caller may change layer i's weights between two steps (smoothing, reordering: exact
+transforms that leave the layer's outputs as computed); the next layer's inputs are the float
+outputs of layer i, not of its quantized version (deepcompressor's order is not documented; the
+float inputs save one more forward pass per layer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -41,7 +50,7 @@ def read_text(path: str | Path | None = None) -> str:
 def calibration_tokens(tokenizer, text: str, samples: int = 128, seq_len: int = 512, seed: int = 42
                        ) -> torch.Tensor:
     """[samples, seq_len] int64 windows of the tokenized text, at seeded random offsets."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=np.int64)
     if len(ids) < seq_len:
         raise QoqcError(f"calibration text has {len(ids)} tokens, fewer than one sample of {seq_len}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len + 1, size=samples)
@@ -52,6 +61,7 @@ def calibration_tokens(tokenizer, text: str, samples: int = 128, seq_len: int = 
 class LayerStats:
     k_absmax: torch.Tensor
     down_absmax: torch.Tensor
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -59,45 +69,77 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., d:], x[..., :d]], dim=-1)
 
 
+class _HessianSum:
+    """Running X^T X (float64) and row count of one linear's inputs."""
+
+    def __init__(self, k: int):
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx += (x.T @ x).double().cpu()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.rows, 1))
+
+
 @torch.no_grad()
-def collect_stats(model, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[LayerStats]:
+def iter_layer_stats(model, tokens: torch.Tensor, batch_size: int = 8, hessians: bool = False,
+                     progress: bool = True) -> Iterator[tuple[int, LayerStats]]:
+    """Yield (layer index, its statistics) for every decoder layer, in order."""
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     hkv = cfg.num_key_value_heads
-    device = next(model.parameters()).device
-    stats = [LayerStats(torch.zeros(hkv, d, dtype=torch.float64), torch.zeros(cfg.intermediate_size,
-                                                                                 dtype=torch.float64))
-             for _ in model.model.layers]
-    rope = {}
+    home = next(model.parameters()).device
+    device = torch.device("cuda") if torch.cuda.is_available() else home
+    dtype = next(model.parameters()).dtype
+    batches = [tokens[s:s + batch_size].to(home) for s in range(0, len(tokens), batch_size)]
+    hidden = [model.model.embed_tokens(x).to(device) for x in batches]
+    pos = torch.arange(tokens.shape[1], device=home)[None]
+    cos_sin = tuple(x.to(device) for x in model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=home), pos))
+    cos, sin = (x[:, :, None, :].float() for x in cos_sin)
 
-    def k_hook(i):
-        def hook(_mod, _inp, out):
+    layers = model.model.layers
+    for i in tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress):
+        layer, attn, mlp = layers[i], layers[i].self_attn, layers[i].mlp
+        st = LayerStats(torch.zeros(hkv, d, dtype=torch.float64),
+                        torch.zeros(cfg.intermediate_size, dtype=torch.float64))
+        sums = {}
+        if hessians:
+            sums = {"qkv": _HessianSum(attn.q_proj.in_features), "o": _HessianSum(attn.o_proj.in_features),
+                    "gate_up": _HessianSum(mlp.up_proj.in_features), "down": _HessianSum(mlp.down_proj.in_features)}
+
+        def k_hook(_mod, _inp, out):
             b, t, _ = out.shape
             k = out.float().reshape(b, t, hkv, d)
-            cos, sin = (x[:, :, None, :].float() for x in rope["cos_sin"])
             k = k * cos + _rotate_half(k) * sin
-            stats[i].k_absmax.copy_(torch.maximum(stats[i].k_absmax, k.abs().amax(dim=(0, 1)).double().cpu()))
-        return hook
+            torch.maximum(st.k_absmax, k.abs().amax(dim=(0, 1)).double().cpu(), out=st.k_absmax)
 
-    def down_hook(i):
-        def hook(_mod, inp):
+        def down_hook(_mod, inp):
             x = inp[0].float()
-            stats[i].down_absmax.copy_(torch.maximum(stats[i].down_absmax,
-                                                     x.abs().reshape(-1, x.shape[-1]).amax(dim=0).double().cpu()))
-        return hook
+            torch.maximum(st.down_absmax, x.abs().reshape(-1, x.shape[-1]).amax(dim=0).double().cpu(),
+                          out=st.down_absmax)
 
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(k_hook(i)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
-    try:
-        for s in tqdm(range(0, len(tokens), batch_size), desc="calibrate", unit="batch", disable=not progress):
-            x = tokens[s:s + batch_size].to(device)
-            pos = torch.arange(x.shape[1], device=device)[None].expand(x.shape[0], -1)
-            dummy = torch.zeros(1, dtype=next(model.parameters()).dtype, device=device)
-            rope["cos_sin"] = model.model.rotary_emb(dummy, pos)
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+        def input_hook(key):
+            return lambda _mod, inp: sums[key].add(inp[0])
+
+        handles = [attn.k_proj.register_forward_hook(k_hook), mlp.down_proj.register_forward_pre_hook(down_hook)]
+        for key, mod in (("qkv", attn.q_proj), ("o", attn.o_proj), ("gate_up", mlp.up_proj), ("down", mlp.down_proj)):
+            if key in sums:
+                handles.append(mod.register_forward_pre_hook(input_hook(key)))
+        try:
+            layer.to(device)  # one layer at a time on the GPU when there is one
+            hidden = [layer(h, attention_mask=None, position_embeddings=cos_sin) for h in hidden]
+        finally:
+            layer.to(home)
+            for h in handles:
+                h.remove()
+        st.hessians = {key: s.hessian() for key, s in sums.items()}
+        yield i, st
+
+
+def collect_stats(model, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[LayerStats]:
+    """Statistics of every layer (no Hessians), for a model left unchanged."""
+    return [st for _, st in iter_layer_stats(model, tokens, batch_size, progress=progress)]

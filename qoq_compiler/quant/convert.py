@@ -1,7 +1,19 @@
-"""Offline weight quantization for a scheme: fused float weight -> the parameters the model declares.
+"""Weight quantizers of each scheme, and the parameters the compiled model declares for them.
 
-    w8a8:  W [N, K] -> weight int8 [N, K] = round(W / sw) (symmetric, per output channel),
-                       weight_scale fp16 [N] = max_k |W[n, k]| / 127          (``reference.quantize_per_token``)
+``quantize_weight(scheme, W [N, K], H)`` -> the quantized weight (``quant.reference`` formats):
+    w8a8                 Int8Weight:  symmetric INT8 per output channel
+    int4, group g        ProgressiveWeight:  level 1 INT8 per channel (P = 119), level 2 UINT4 with
+                         INT8 scales/zeros per g inputs;  GPTQ codes when a Hessian H is given
+    int4, per channel    ChannelWeight:  UINT4 with fp16 scale and zero per output channel;
+                         clipping ratios searched first when ``clip``, then GPTQ when H is given
+
+``packed_params(name, qw)`` -> the module's parameters (``frontend.llama``), UINT4 codes packed
+eight per uint32 along K (``layout``; a K that 8 does not divide is padded with zero codes, which
+the GEMM never reads: it reduces over the true K):
+    Int8Weight         name int8 [N, K],  *.weight_scale fp16 [N]
+    ProgressiveWeight  name uint32 [N, K/8],  *.weight_scale fp16 [N] (s1),
+                       *.weight_group_scale int8 [N, G] (s2),  *.weight_group_zero int8 [N, G] (z2)
+    ChannelWeight      name uint32 [N, K/8],  *.weight_scale fp16 [N] (s),  *.weight_zero fp16 [N] (z)
 """
 
 from __future__ import annotations
@@ -12,14 +24,64 @@ import numpy as np
 import torch
 
 from ..config import QuantScheme
-from .reference import quantize_per_token
+from ..errors import QoqcError
+from ..layout import NIBBLES_PER_WORD, pack_uint4
+from .clipping import search_channel_ratios
+from .gptq import gptq_per_channel, gptq_progressive
+from .reference import ChannelWeight, Int8Weight, ProgressiveWeight, per_channel_quantize, progressive_quantize, \
+    quantize_per_token
+
+#: the quantized form of one linear's weight
+QuantizedWeight = Int8Weight | ProgressiveWeight | ChannelWeight
 
 
-def _w8(name: str, w: torch.Tensor) -> dict[str, np.ndarray]:
-    q, s = quantize_per_token(w.double().numpy())
-    return {name: q, name.replace(".weight", ".weight_scale"): s[:, 0]}
+def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None = None, clip: bool = False,
+                    gptq: bool = True) -> QuantizedWeight:
+    """Round-to-nearest without ``h``; with the input Hessian ``h``: clipping search (``clip``,
+    per-channel only) and GPTQ (``gptq``)."""
+    if scheme.weights == "int8":
+        q, s = quantize_per_token(w.double().numpy())
+        return Int8Weight(q, s[:, 0])
+    if scheme.weights != "int4":
+        raise ValueError(f"scheme {scheme.name} keeps its weights in {scheme.weights}")
+    if scheme.group is not None:
+        if gptq and h is not None:
+            return gptq_progressive(w, h, group=scheme.group)
+        return progressive_quantize(w.double().numpy(), group=scheme.group)
+    ratio = search_channel_ratios(w.double().numpy(), h.numpy()) if clip and h is not None else 1.0
+    if gptq and h is not None:
+        return gptq_per_channel(w, h, ratio)
+    return per_channel_quantize(w.double().numpy(), ratio)
 
 
-def quantizer(scheme: QuantScheme) -> Callable[[str, torch.Tensor], dict[str, np.ndarray]] | None:
-    """The weight quantizer of a scheme, or None when its weights stay in floating point."""
-    return {"int8": _w8}.get(scheme.weights)
+def packed_params(name: str, qw: QuantizedWeight) -> dict[str, np.ndarray]:
+    base = name.removesuffix(".weight")
+    if isinstance(qw, Int8Weight):
+        return {name: qw.q, f"{base}.weight_scale": qw.s}
+    n, k = qw.q.shape
+    codes = np.zeros((n, -(-k // NIBBLES_PER_WORD) * NIBBLES_PER_WORD), np.uint8)  # the last word zero-padded
+    codes[:, :k] = qw.q
+    if isinstance(qw, ProgressiveWeight):
+        return {name: pack_uint4(codes), f"{base}.weight_scale": qw.s1, f"{base}.weight_group_scale": qw.s2,
+                f"{base}.weight_group_zero": qw.z2}
+    return {name: pack_uint4(codes), f"{base}.weight_scale": qw.s, f"{base}.weight_zero": qw.z}
+
+
+def quantizer(scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None = None
+              ) -> Callable[[str, torch.Tensor], dict[str, np.ndarray]] | None:
+    """``(name, fused float W) -> parameters`` for the loader, or None when weights stay float.
+
+    ``weights`` holds already quantized weights by parameter name (the QoQ passes' output); without
+    it every weight is quantized by round-to-nearest.
+    """
+    if scheme.weights == "float":
+        return None
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, np.ndarray]:
+        if weights is not None:
+            if name not in weights:
+                raise QoqcError(f"the QoQ passes produced no quantized weight for {name}")
+            return packed_params(name, weights[name])
+        return packed_params(name, quantize_weight(scheme, w))
+
+    return quantize

@@ -25,6 +25,10 @@ KV cache (``kv4_quantize``): asymmetric UINT4 per (token, kv head), K after RoPE
     scale and an fp16 zero kept in value units (the minimum):
     s = fp16((max - min) / 15),  q = clamp(round((x - min) / s), 0, 15),  x_hat = q * s + min.
 
+Every range (max |x|, max - min) is floored at RANGE_FLOOR = 1e-4 before it is divided into a scale, so each fp16
+scale is positive (a floor of 1e-8 rounds to 0 in fp16 and turns an all-zero row into NaN); the
+kernels use the same floor.
+
 A group that does not divide K (SmolLM2: K = 576, g = 128) is handled as a shorter last group:
 its statistics come from its own elements only.
 """
@@ -36,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 PROTECTIVE_RANGE = 119
+RANGE_FLOOR = 1e-4
 
 
 def _groups(w: np.ndarray, group: int) -> np.ndarray:
@@ -71,7 +76,7 @@ class ProgressiveWeight:
 def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECTIVE_RANGE) -> ProgressiveWeight:
     w = np.asarray(w, dtype=np.float64)
     amax = np.abs(w).max(axis=1)
-    s1 = (np.maximum(amax, 1e-8) / protect).astype(np.float16)
+    s1 = (np.maximum(amax, RANGE_FLOOR) / protect).astype(np.float16)
     w1 = np.clip(w / s1.astype(np.float64)[:, None], -protect, protect)
     g = _groups(w1, group)
     vmin, vmax = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
@@ -81,6 +86,17 @@ def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECT
     q = q.reshape(w.shape[0], -1)[:, : w.shape[1]]
     assert s2.max() <= 16 and (q * np.repeat(s2, group, axis=1)[:, : w.shape[1]]).max() <= 240
     return ProgressiveWeight(q.astype(np.uint8), s1, s2.astype(np.int8), z2.astype(np.int8), group)
+
+
+@dataclass
+class Int8Weight:
+    """W8A8's weights: symmetric INT8 per output channel (``quantize_per_token`` on W's rows)."""
+
+    q: np.ndarray  # int8 [N, K]
+    s: np.ndarray  # float16 [N]
+
+    def dequantize(self) -> np.ndarray:
+        return self.q.astype(np.float32) * self.s.astype(np.float32)[:, None]
 
 
 @dataclass
@@ -98,7 +114,7 @@ def per_channel_quantize(w: np.ndarray, ratio: np.ndarray | float = 1.0) -> Chan
     w = np.asarray(w, dtype=np.float64)
     r = np.broadcast_to(np.asarray(ratio, dtype=np.float64), (w.shape[0],))
     vmin, vmax = w.min(axis=1) * r, w.max(axis=1) * r
-    s = (np.maximum(vmax - vmin, 1e-8) / 15).astype(np.float16)
+    s = (np.maximum(vmax - vmin, RANGE_FLOOR) / 15).astype(np.float16)
     z = (-vmin).astype(np.float16)
     q = np.clip(np.round((w + z.astype(np.float64)[:, None]) / s.astype(np.float64)[:, None]), 0, 15)
     return ChannelWeight(q.astype(np.uint8), s, z)
@@ -107,7 +123,7 @@ def per_channel_quantize(w: np.ndarray, ratio: np.ndarray | float = 1.0) -> Chan
 def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [..., K] -> (int8 [..., K], fp16 scale [..., 1]), symmetric, per row."""
     x = np.asarray(x, dtype=np.float64)
-    s = (np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-8) / 127).astype(np.float16)
+    s = (np.maximum(np.abs(x).max(axis=-1, keepdims=True), RANGE_FLOOR) / 127).astype(np.float16)
     q = np.clip(np.round(x / s.astype(np.float64)), -127, 127)
     return q.astype(np.int8), s
 
@@ -116,7 +132,7 @@ def kv4_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [T, H, D] -> (uint8 codes 0..15 [T, H, D], fp16 scale [T, H], fp16 min [T, H])."""
     x = np.asarray(x, dtype=np.float64)
     lo = x.min(axis=-1).astype(np.float16)
-    s = (np.maximum(x.max(axis=-1) - lo.astype(np.float64), 1e-8) / 15).astype(np.float16)
+    s = (np.maximum(x.max(axis=-1) - lo.astype(np.float64), RANGE_FLOOR) / 15).astype(np.float16)
     q = np.clip(np.round((x - lo.astype(np.float64)[..., None]) / s.astype(np.float64)[..., None]), 0, 15)
     return q.astype(np.uint8), s, lo
 

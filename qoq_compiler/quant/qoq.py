@@ -1,0 +1,88 @@
+"""QoQ's calibration passes on a transformers model, producing the 4-bit weights of every linear.
+
+Order (deepcompressor ``ptq``: rotate -> reorder -> smooth -> quantize weights):
+    1. whole model: fold RMSNorm gamma, Hadamard-rotate the residual stream, rotate V/O per head
+                                                                             (``quant.rotation``)
+    2. per decoder layer, from the statistics of its float inputs (``quant.calibrate``):
+       a. reorder down_proj's input channels by ascending max|x|   (g128 only, ``quant.reorder``)
+       b. SmoothAttention  lambda = max|K after RoPE|^alpha into q/k             (``quant.smooth``)
+       c. SmoothLinear     s = max|x|^alpha / max|W_down[:, j]|^beta into up/down (``quant.smooth``)
+       d. quantize qkv, o, gate_up, down: clipping search (per-channel weights), then GPTQ, or
+          round-to-nearest without GPTQ                            (``quant.convert.quantize_weight``)
+Reordering and smoothing change down_proj's input x to x' = x[pi] / s, so its Hessian becomes
+H' = H[pi][:, pi] / (s s^T); q/k smoothing changes no linear's input. Every transform of 1-2c is
+exact: the model's float outputs are unchanged (their tests show it), only easier to quantize.
+
+Deviation from deepcompressor: clipping ratios are judged on each linear's own output error
+(deepcompressor judges q/k on the attention block's output); q_proj/k_proj are not clipped
+anyway in the g128 recipe, and per-channel clipping of them is a small share of the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantScheme
+from ..errors import QoqcError
+from ..frontend.loader import hf_sources
+from .calibrate import calibration_tokens, iter_layer_stats, read_text
+from .convert import QuantizedWeight, quantize_weight
+from .reorder import reorder_down_proj
+from .rotation import rotate
+from .smooth import attention_scales, linear_scales, smooth_attention, smooth_down_proj
+
+#: Hessian key (``calibrate``) -> qoqc fused linear of a decoder layer
+LINEARS = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+           "down": "mlp.down_proj"}
+
+
+def fused_weight(model, name: str) -> torch.Tensor:
+    """The float weight [N, K] of qoqc parameter ``name``: its HF projections' rows concatenated."""
+    params = dict(model.named_parameters())
+    return torch.cat([params[s].detach() for s in hf_sources(name)], dim=0)
+
+
+def linear_names(layer: int) -> dict[str, str]:
+    return {key: f"model.layers.{layer}.{mod}.weight" for key, mod in LINEARS.items()}
+
+
+@torch.no_grad()
+def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, progress: bool = True
+                   ) -> dict[str, QuantizedWeight]:
+    """Run ``scheme.passes`` on ``model`` (changed in place) and quantize its decoder linears.
+
+    Returns the quantized weights by qoqc parameter name; the model keeps the transformed float
+    weights (embedding, norms, lm_head and biases are read from it afterwards).
+    """
+    passes = scheme.passes
+    n_layers = len(model.model.layers)
+    if passes is None:
+        return {name: quantize_weight(scheme, fused_weight(model, name))
+                for i in range(n_layers) for name in linear_names(i).values()}
+    if tokenizer is None:
+        raise QoqcError(f"scheme {scheme.name} calibrates on text, but the model has no tokenizer")
+    if passes.rotation:
+        rotate(model)
+    tokens = calibration_tokens(tokenizer, read_text(passes.calib_text), passes.calib_samples, passes.calib_seq_len)
+    need_h = passes.gptq or (passes.clip and scheme.group is None)
+    out: dict[str, QuantizedWeight] = {}
+    for i, st in iter_layer_stats(model, tokens, batch_size, hessians=need_h, progress=progress):
+        layer, hs, down_absmax = model.model.layers[i], st.hessians, st.down_absmax
+        if passes.reorder and scheme.group is not None:
+            pi = reorder_down_proj(layer, down_absmax)
+            down_absmax = down_absmax[pi]
+            if hs:
+                hs["down"] = hs["down"][pi][:, pi]
+        if passes.smooth_attn_alpha is not None:
+            smooth_attention(layer, attention_scales(st.k_absmax, passes.smooth_attn_alpha))
+        if passes.smooth_down is not None:
+            alpha, beta = passes.smooth_down
+            w_absmax = layer.mlp.down_proj.weight.detach().abs().amax(dim=0)
+            s = linear_scales(down_absmax, w_absmax, alpha, beta)
+            smooth_down_proj(layer, s)
+            if hs:
+                hs["down"] = hs["down"] / (s[:, None] * s[None, :])
+        for key, name in linear_names(i).items():
+            out[name] = quantize_weight(scheme, fused_weight(model, name), hs.get(key), clip=passes.clip,
+                                        gptq=passes.gptq)
+    return out

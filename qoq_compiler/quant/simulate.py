@@ -1,0 +1,73 @@
+"""Fake quantization: a transformers model that computes what a quantized artifact computes.
+
+The accuracy table needs perplexities over hundreds of thousands of tokens; the compiled CPU
+module is too slow for that, so the same numbers are simulated in torch and the compiled module
+is checked against the simulation on a subset (``tests/test_qoq_model.py``):
+    weights       replaced by their dequantized values (``quant.convert`` formats)
+    activations   the input of every decoder linear fake-quantized per token:
+                  x -> clamp(round(x / s), -127, 127) * s,  s = fp16(max|x| / 127)
+    KV cache      K (after RoPE) and V fake-quantized per (token, kv head) to UINT4 with an fp16
+                  scale and minimum (``reference.kv4_quantize``), through the attention function
+                  ``qoqc_kv4`` (transformers' SDPA on the dequantized K/V)
+Everything else (embedding, norms, lm_head, softmax) runs in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantScheme
+from ..frontend.loader import hf_sources
+from .convert import QuantizedWeight
+from .qoq import linear_names
+from .reference import RANGE_FLOOR
+
+ATTENTION = "qoqc_kv4"
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    s = (x.float().abs().amax(dim=-1, keepdim=True).clamp(min=RANGE_FLOOR) / 127).half().float()
+    return (torch.clamp(torch.round(x.float() / s), -127, 127) * s).to(x.dtype)
+
+
+def fake_quantize_kv4(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D]: UINT4 per row with fp16 scale and fp16 minimum, dequantized."""
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).half().float()
+    s = ((xf.amax(dim=-1, keepdim=True) - lo).clamp(min=RANGE_FLOOR) / 15).half().float()
+    return (torch.clamp(torch.round((xf - lo) / s), 0, 15) * s + lo).to(x.dtype)
+
+
+def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, fake_quantize_kv4(key), fake_quantize_kv4(value), attention_mask,
+                                  **kwargs)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _kv4_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@torch.no_grad()
+def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight]) -> None:
+    """Turn ``model`` (after the scheme's passes) into its fake-quantized twin, in place."""
+    params = dict(model.named_parameters())
+    for i, layer in enumerate(model.model.layers):
+        for name in linear_names(i).values():
+            w = torch.from_numpy(weights[name].dequantize())
+            row = 0
+            for src in hf_sources(name):
+                p = params[src]
+                p.copy_(w[row:row + p.shape[0]].to(p.dtype))
+                row += p.shape[0]
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            mod.register_forward_pre_hook(lambda _m, inp: (fake_quantize_per_token(inp[0]), *inp[1:]))
+    if scheme.kv == "int4":
+        _register_attention()
+        model.set_attn_implementation(ATTENTION)
