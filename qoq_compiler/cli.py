@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from . import __version__
+from .config import QUANT_SCHEMES, QuantScheme
 from .errors import QoqcError
 
 
@@ -24,10 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm", help="llvm or cuda (default: llvm)")
     c.add_argument("--arch", default=None,
                    help="cuda: sm_80, sm_89 or sm_90 (default sm_80); llvm: an LLVM CPU name (default: this CPU)")
-    c.add_argument("--quant", default="fp16", help="quantization scheme: fp16, fp32 or w8a8 (default: fp16)")
+    c.add_argument("--quant", default="fp16", help=f"quantization scheme: {', '.join(QUANT_SCHEMES)} (default: fp16)")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
     c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _pass_options(c)
 
     ch = sub.add_parser("chat", help="chat with a compiled artifact")
     ch.add_argument("artifact", help="artifact directory written by 'qoqc compile'")
@@ -49,7 +52,52 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--target", default="llvm", help="when compiling a model first: llvm or cuda")
     ev.add_argument("--quant", default="fp16", help="when compiling a model first: the quantization scheme")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _pass_options(ev)
     return p
+
+
+def _pass_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("QoQ passes (qoq-* schemes)")
+    g.add_argument("--smooth-attn-alpha", type=float, default=None,
+                   help="SmoothAttention exponent alpha, lambda = max|K|^alpha (default 0.5)")
+    g.add_argument("--no-smooth-attn", action="store_true", help="skip SmoothAttention")
+    g.add_argument("--no-rotation", action="store_true", help="skip the Hadamard rotations")
+    g.add_argument("--no-gptq", action="store_true", help="round-to-nearest 4-bit codes instead of GPTQ")
+    g.add_argument("--calib-text", default=None,
+                   help="calibration text file or directory of *.txt (default: the packaged public-domain novel)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sample (default 512)")
+
+
+def _scheme(args) -> QuantScheme:
+    """The --quant scheme with the pass options applied; pass options on other schemes are an error."""
+    if args.quant not in QUANT_SCHEMES:
+        raise QoqcError(f"invalid quant scheme {args.quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    scheme = QUANT_SCHEMES[args.quant]
+    changes, flags = {}, []
+    if args.smooth_attn_alpha is not None:
+        if not 0 <= args.smooth_attn_alpha <= 1:
+            raise QoqcError(f"--smooth-attn-alpha {args.smooth_attn_alpha} must lie in [0, 1]")
+        changes["smooth_attn_alpha"] = args.smooth_attn_alpha
+        flags.append("--smooth-attn-alpha")
+    for flag, field, value in (("no_smooth_attn", "smooth_attn_alpha", None), ("no_rotation", "rotation", False),
+                               ("no_gptq", "gptq", False)):
+        if getattr(args, flag):
+            changes[field] = value
+            flags.append("--" + flag.replace("_", "-"))
+    for name in ("calib_text", "calib_samples", "calib_seq_len"):
+        value = getattr(args, name)
+        if value is not None:
+            if name != "calib_text" and value < 1:
+                raise QoqcError(f"--{name.replace('_', '-')} must be at least 1")
+            changes[name] = value
+            flags.append("--" + name.replace("_", "-"))
+    if not changes:
+        return scheme
+    if scheme.passes is None:
+        raise QoqcError(f"{', '.join(flags)}: options of the qoq-* schemes; --quant {scheme.name} runs no "
+                        "calibration passes")
+    return replace(scheme, passes=replace(scheme.passes, **changes))
 
 
 def _evaluate(args) -> None:
@@ -69,7 +117,7 @@ def _evaluate(args) -> None:
         if not (art / MANIFEST).is_file():
             from .compiler import compile as compile_model
 
-            art = compile_model(art, target=args.target, quant=args.quant, output=Path(tmp) / "artifact",
+            art = compile_model(art, target=args.target, quant=_scheme(args), output=Path(tmp) / "artifact",
                                 progress=not args.quiet)
         kind = read_manifest(art, verify=False)["target"]["kind"]
         engine = Engine(art, device=args.device or ("cuda" if kind == "cuda" else "cpu"),
@@ -85,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compile":
             from .compiler import compile as compile_model
 
-            out = compile_model(args.model, target=args.target, quant=args.quant, output=args.output,
+            out = compile_model(args.model, target=args.target, quant=_scheme(args), output=args.output,
                                 arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet)
             print(out)
         elif args.command == "eval":

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QUANT_SCHEMES, QuantScheme
 from .errors import QoqcError
-from .frontend.checkpoint import default_model_path, open_checkpoint
-from .frontend.llama import ENTRY_POINTS, LlamaForCausalLM
+from .frontend.checkpoint import default_model_path, from_torch_model, load_torch_model, open_checkpoint
+from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
 from .quant.convert import quantizer
+from .quant.qoq import quantize_model
 from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
 from .tvm_env import tvm
 
@@ -41,6 +42,7 @@ import schedules  # noqa: E402
 TARGETS = ("llvm", "cuda")
 CUDA_ARCHS = ("sm_80", "sm_89", "sm_90")
 SHARD_BYTES = 2 << 30
+KV4_PAGE_SIZE = 16
 
 
 def make_target(target: str, arch: str | None = None) -> "tvm.target.Target":
@@ -107,14 +109,24 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
 
         t0 = time.perf_counter()
-        model = LlamaForCausalLM(cfg, scheme, tgt, kernels=schedules.kernels)
+        weights = None
+        if scheme.weights == "int4":
+            say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
+            hf = load_torch_model(model_path)
+            weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
+            ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
+            cfg = ckpt.config  # rotation unties lm_head
+        if scheme.kv == "int4":
+            model = LlamaKV4ForCausalLM(cfg, scheme, tgt, schedules.kernels, KV4_PAGE_SIZE)
+        else:
+            model = LlamaForCausalLM(cfg, scheme, tgt, kernels=schedules.kernels)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
         if dump_ir:
             (tmp / "ir").mkdir()
             (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
 
-        shards = _write_params(tmp, convert(ckpt, params, quantizer(scheme)), len(params), progress)
+        shards = _write_params(tmp, convert(ckpt, params, quantizer(scheme, weights)), len(params), progress)
 
         phases = pipeline_phases(tgt)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
@@ -145,9 +157,12 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
                                           if k in ("kind", "arch", "mcpu")}},
             "quant": quant,
             "dtype": scheme.dtype,
+            "quant_scheme": scheme.to_dict(),
             "source": str(model_path.absolute()),
             "model": cfg.to_dict(),
-            "entry_points": list(ENTRY_POINTS),
+            "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
+            "kv_cache": {"kind": "kv4-paged", "page_size": KV4_PAGE_SIZE} if scheme.kv == "int4"
+            else {"kind": "tvm-paged"},
             "library": LIBRARY,
             "params": {"files": shards, "names": [n for n, _, _ in params]},
             "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,

@@ -14,7 +14,7 @@ nvcc = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name,quant", [("qwen2", "fp16"), ("llama", "w8a8")])
+@pytest.mark.parametrize("name,quant", [("qwen2", "fp16"), ("llama", "w8a8"), ("mistral", "rtn-w4a8kv4")])
 def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, tiny_dirs, tmp_path):
     out = compile(tiny_dirs[name], target="cuda", arch="sm_90", quant=quant, output=tmp_path / "cuda",
                   dump_ir=True, progress=False)

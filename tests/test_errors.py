@@ -83,6 +83,10 @@ def test_qwen2_sliding_window_rejected(capsys, tmp_path, tiny_dirs):
     (("--target", "vulkan"), "invalid target 'vulkan'"),
     (("--target", "cuda", "--arch", "sm_70"), "invalid CUDA arch 'sm_70'"),
     (("--quant", "int3"), "invalid quant scheme 'int3'"),
+    (("--quant", "w8a8", "--no-rotation"), "--no-rotation: options of the qoq-* schemes"),
+    (("--quant", "qoq-w4a8kv4-g128", "--smooth-attn-alpha", "2"), "must lie in [0, 1]"),
+    (("--quant", "qoq-w4a8kv4-g128", "--calib-text", "/nonexistent.txt"), "calibration text does not exist"),
+    (("--quant", "qoq-w4a8kv4-g128", "--calib-samples", "0"), "--calib-samples must be at least 1"),
 ])
 def test_invalid_target_or_quant(capsys, tmp_path, tiny_dirs, extra, message):
     check_compile_fails(capsys, tmp_path, tiny_dirs["llama"], message, *extra)

@@ -137,20 +137,31 @@ def _open_safetensors_dir(path: Path) -> Checkpoint:
     return Checkpoint(path, config, sorted(weight_map), read, _load_tokenizer(path))
 
 
+def load_torch_model(path: str | Path):
+    """The checkpoint as a float32 transformers model (for the calibration passes)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        path = next(iter(sorted(path.glob("*.gguf"))), path)
+    try:
+        if path.is_file():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:  # gguf/transformers raise assorted types for damaged files
+        raise QoqcError(f"cannot read {path} with transformers: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def from_torch_model(model, path: Path, tokenizer) -> Checkpoint:
+    """A checkpoint that reads the (transformed) weights of a transformers model."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return Checkpoint(path, ModelConfig.from_hf(model.config), sorted(state), state.__getitem__, tokenizer)
+
+
 def _open_gguf(file: Path) -> Checkpoint:
     if importlib.util.find_spec("gguf") is None:
         raise QoqcError("reading .gguf files needs the 'gguf' package: pip install gguf")
-    from transformers import AutoModelForCausalLM
-
-    hf = _load_hf_config(file.parent, gguf_file=file.name)
-    config = ModelConfig.from_hf(hf)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(file.parent), gguf_file=file.name, dtype=torch.float32
-        )
-    except Exception as e:  # gguf/transformers raise assorted types for damaged files
-        raise QoqcError(f"cannot read GGUF file {file}: {str(e).splitlines()[0]}") from None
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    del model
-    return Checkpoint(file, config, sorted(state), state.__getitem__,
-                      _load_tokenizer(file.parent, gguf_file=file.name))
+    ModelConfig.from_hf(_load_hf_config(file.parent, gguf_file=file.name))  # reject before dequantizing
+    return from_torch_model(load_torch_model(file), file, _load_tokenizer(file.parent, gguf_file=file.name))

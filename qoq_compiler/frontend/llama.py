@@ -1,8 +1,8 @@
 """The Llama-family decoder (Llama-2/3, Mistral, Qwen2) as a ``relax.frontend.nn`` module.
 
 One model file for every precision: the linear layer and the KV cache are the two places a
-quantization scheme swaps (``Linear`` or ``W8A8Linear`` today, a W4A8 linear and a 4-bit paged
-cache next); everything else is shared. Quantized layers emit the compute definitions the compiler
+quantization scheme swaps (``Linear``, ``W8A8Linear`` or ``W4A8Linear``; a 4-bit paged cache
+next); everything else is shared. Quantized layers emit the compute definitions the compiler
 hands in (``kernels``, from ``schedules``), so this file names no kernel implementation.
 
 Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
@@ -24,6 +24,8 @@ Entry points (all take the packed parameter tuple last):
 
 from __future__ import annotations
 
+from functools import partial
+
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -31,8 +33,10 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from ..config import ModelConfig, QuantScheme
 
-#: Entry points of the compiled module, in the order the runtime expects them.
+#: Entry points of the compiled module, in the order the runtime expects them (the KV4 model's
+#: cache is allocated by the runtime, so it has no ``create_kv_cache``).
 ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
+KV4_ENTRY_POINTS = ("prefill", "decode")
 
 
 class Linear(nn.Linear):
@@ -68,10 +72,42 @@ class W8A8Linear(nn.Module):
         return y if self.dtype == "float32" else op.astype(y, self.dtype)
 
 
+class W4A8Linear(nn.Module):
+    """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (``schedules.w4a8_gemm``).
+
+    Parameters: ``weight`` uint32 [out, ceil(in/8)] (eight 4-bit codes per word along in), ``weight_scale``
+    fp16 [out] (s1); per group g: ``weight_group_scale`` / ``weight_group_zero`` int8 [out, ceil(in/g)]
+    (s2, z2); per channel: ``weight_zero`` fp16 [out] (z); ``bias`` fp32 [out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, kernels):
+        self.weight = nn.Parameter((out_features, -(-in_features // 8)), "uint32")
+        self.weight_scale = nn.Parameter((out_features,), "float16")
+        if group is None:
+            self.weight_zero = nn.Parameter((out_features,), "float16")
+        else:
+            groups = -(-in_features // group)
+            self.weight_group_scale = nn.Parameter((out_features, groups), "int8")
+            self.weight_group_zero = nn.Parameter((out_features, groups), "int8")
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
+        self.dtype, self.group, self.kernels = dtype, group, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
+        zeros = [self.weight_zero] if self.group is None else [self.weight_group_scale, self.weight_group_zero]
+        y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
+                              [qx, sx, self.weight, self.weight_scale, *zeros])
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.dtype == "float32" else op.astype(y, self.dtype)
+
+
 def make_linear(scheme: QuantScheme, kernels):
     """The linear-layer constructor ``(in, out, bias) -> nn.Module`` of a quantization scheme."""
     if scheme.weights == "int8":
         return lambda i, o, bias: W8A8Linear(i, o, bias, scheme.dtype, kernels)
+    if scheme.weights == "int4":
+        return lambda i, o, bias: W4A8Linear(i, o, bias, scheme.dtype, scheme.group, kernels)
     return lambda i, o, bias: Linear(i, o, bias, scheme.dtype)
 
 
@@ -205,4 +241,106 @@ class LlamaForCausalLM(nn.Module):
             },
         }
         assert tuple(spec) == ENTRY_POINTS
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+class KV4Cache:
+    """qoqc's 4-bit paged KV cache as the model sees it during one step (``schedules.kv4_attention``).
+
+    Holds the cache tensors (updated in place by each layer) and the step's addressing arrays
+    filled by the runtime: ``positions``, ``token_seq``, ``slots`` [T] and ``page_table`` [B, MP].
+    Offers the one method the attention layer calls on TVM's cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: str, kernels, gpu: bool, page_size: int, data: Tensor,
+                 param: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor, slots: Tensor):
+        self.cfg, self.dtype, self.kernels, self.gpu, self.page_size = cfg, dtype, kernels, gpu, page_size
+        self.data, self.param = data, param
+        self.positions, self.token_seq, self.page_table, self.slots = positions, token_seq, page_table, slots
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_heads: int, sm_scale: float) -> Tensor:
+        cfg, k = self.cfg, self.kernels
+        b, t, heads, d = qkv.shape
+        x = op.reshape(qkv, (b * t, heads, d))
+        q, key, val = op.tensor_expr_op(
+            partial(k.rope, num_q_heads=num_heads, num_kv_heads=cfg.num_kv_heads, theta=cfg.rope_theta,
+                    rope_scaling=dict(cfg.rope_scaling)), "rope", [x, self.positions])
+        codes, params = op.tensor_expr_op(k.kv4_quantize, "kv4_quantize", [key, val])
+        self.data, self.param = op.tensor_ir_inplace_op(
+            k.kv4_scatter(cfg.num_layers, cfg.num_kv_heads, d, layer_id), "kv4_scatter",
+            [self.data, self.param, codes, params, self.slots], inplace_indices=[0, 1],
+            out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
+        out = op.tensor_ir_op(
+            k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, layer_id, sm_scale,
+                            self.dtype, self.gpu), "kv4_attention",
+            [q, self.data, self.param, self.positions, self.token_seq, self.page_table],
+            out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
+        return op.reshape(out, (b, t, num_heads, d))
+
+
+class LlamaKV4ForCausalLM(LlamaForCausalLM):
+    """The same model over qoqc's 4-bit paged KV cache (``KV4Cache``), whose tensors the runtime
+    allocates and passes to every call:
+
+        prefill(input_ids [1, T], logit_positions [P], positions [T], token_seq [T], page_table [B, MP],
+                slots [T], kv_data, kv_param) -> logits [1, P, V]
+        decode(input_ids [B, 1], positions [B], token_seq [B], page_table [B, MP], slots [B],
+               kv_data, kv_param) -> logits [B, 1, V]
+    with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
+    """
+
+    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, target, kernels, page_size: int):
+        super().__init__(cfg, scheme, target, kernels)
+        self.kernels, self.page_size = kernels, page_size
+        self.gpu = "gpu" in target.keys
+
+    def _cache(self, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
+        return KV4Cache(self.cfg, self.dtype, self.kernels, self.gpu, self.page_size, kv_data, kv_param,
+                        positions, token_seq, page_table, slots)
+
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, positions: Tensor, token_seq: Tensor,
+                page_table: Tensor, slots: Tensor, kv_data: Tensor, kv_param: Tensor):
+        kv = self._cache(positions, token_seq, page_table, slots, kv_data, kv_param)
+        h = op.take(self.model(input_ids, kv), logit_positions, axis=1)
+        return self._logits(h)
+
+    def decode(self, input_ids: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor, slots: Tensor,
+               kv_data: Tensor, kv_param: Tensor):
+        kv = self._cache(positions, token_seq, page_table, slots, kv_data, kv_param)
+        return self._logits(self.model(input_ids, kv))
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        cfg = self.cfg
+        model = {"param_mode": "packed", "effect_mode": "none"}
+        cache = {
+            "page_table": nn.spec.Tensor(["num_seqs", "max_pages"], "int32"),
+            "kv_data": nn.spec.Tensor([cfg.num_layers, 2, "num_slots", cfg.num_kv_heads, cfg.head_dim // 2], "uint8"),
+            "kv_param": nn.spec.Tensor([cfg.num_layers, 2, "num_slots", cfg.num_kv_heads, 2], "float16"),
+        }
+
+        def tokens(n):
+            return {name: nn.spec.Tensor([n], "int32") for name in ("positions", "token_seq")}
+
+        spec = {
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                **tokens("seq_len"),
+                "page_table": cache["page_table"],
+                "slots": nn.spec.Tensor(["seq_len"], "int32"),
+                "kv_data": cache["kv_data"],
+                "kv_param": cache["kv_param"],
+                "$": model,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                **tokens("batch_size"),
+                "page_table": cache["page_table"],
+                "slots": nn.spec.Tensor(["batch_size"], "int32"),
+                "kv_data": cache["kv_data"],
+                "kv_param": cache["kv_param"],
+                "$": model,
+            },
+        }
+        assert tuple(spec) == KV4_ENTRY_POINTS
         return nn.spec.ModuleSpec.from_raw(spec, self)

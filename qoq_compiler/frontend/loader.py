@@ -7,7 +7,8 @@ features ([out, in], as in torch), so concatenation along axis 0 fuses the proje
 
 A parameter the module declares with an integer dtype is a quantized weight: its fused float
 tensor goes to ``quantize(name, w)``, which returns that parameter and its companions (e.g.
-``*.weight_scale``), yielded when the module's order reaches them.
+``*.weight_scale``), yielded when the module's order reaches them, each checked against the
+declared shape and dtype (packed 4-bit weights are [out, in / 8] uint32).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from ..errors import QoqcError
 from .checkpoint import Checkpoint
 
-_FUSED = {
+#: qoqc fused projection -> the Hugging Face projections whose rows it concatenates
+FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
@@ -31,9 +33,9 @@ _LAYER = re.compile(r"^(model\.layers\.\d+\.)(.+)\.(weight|bias)$")
 def hf_sources(name: str) -> tuple[str, ...]:
     """HF tensor names that make up qoqc parameter ``name``."""
     m = _LAYER.match(name)
-    if m and m.group(2) in _FUSED:
+    if m and m.group(2) in FUSED:
         prefix, module, kind = m.groups()
-        return tuple(f"{prefix}{part}.{kind}" for part in _FUSED[module])
+        return tuple(f"{prefix}{part}.{kind}" for part in FUSED[module])
     return (name,)
 
 
@@ -42,10 +44,19 @@ def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]],
             ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (name, array) for each (name, shape, dtype) the exported module declares, in that order."""
     available = set(ckpt.names)
+    declared = {name: (tuple(shape), dtype) for name, shape, dtype in params}
     derived: dict[str, np.ndarray] = {}
+
+    def checked(name: str, arr: np.ndarray) -> tuple[str, np.ndarray]:
+        shape, dtype = declared[name]
+        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+            raise QoqcError(f"quantizer produced {name} as {arr.dtype}{list(arr.shape)}, "
+                            f"the module declares {dtype}{list(shape)}")
+        return name, arr
+
     for name, shape, dtype in params:
         if name in derived:
-            yield name, derived.pop(name)
+            yield checked(name, derived.pop(name))
             continue
         quantized = not dtype.startswith("float")
         if quantized and quantize is None:
@@ -56,7 +67,7 @@ def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]],
             raise QoqcError(f"checkpoint {ckpt.path} lacks tensor {missing[0]} (needed for {name})")
         parts = [ckpt.read(s).to(torch.float32 if quantized else getattr(torch, dtype)) for s in sources]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(t.shape) != tuple(shape):
+        if (t.shape[0] != shape[0]) if quantized else (tuple(t.shape) != tuple(shape)):
             raise QoqcError(
                 f"tensor {'+'.join(sources)} has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
             )
@@ -64,7 +75,7 @@ def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]],
             raise QoqcError(f"tensor {'+'.join(sources)} holds NaN or Inf after conversion to {dtype}")
         if quantized:
             derived.update(quantize(name, t))
-            yield name, derived.pop(name)
+            yield checked(name, derived.pop(name))
         else:
             yield name, t.contiguous().numpy()
     if derived:

@@ -23,11 +23,11 @@ from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
 from .artifact import read_manifest
+from .kv_cache import KV4PagedCache, TVMPagedCache
 
-import tvm_ffi  # noqa: E402  (after tvm_env's version check)
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
-PAGE_SIZE = 16  # TVM's paged KV-cache kernels are generated for 16-token pages
+PAGE_SIZE = 16  # TVM's paged KV-cache kernels are generated for 16-token pages (older manifests name none)
 
 
 @dataclass
@@ -103,12 +103,17 @@ class Engine:
         self.context_window = min(self.config.context_window, max_total_tokens or 8192)
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = min(prefill_chunk_size, self.context_window)
-        self.kv = self.vm["create_kv_cache"](
-            tvm_ffi.Shape([max_batch_size]), tvm_ffi.Shape([self.context_window]),
-            tvm_ffi.Shape([self.prefill_chunk_size]), tvm_ffi.Shape([PAGE_SIZE]), tvm_ffi.Shape([0]))
+        cache = self.manifest.get("kv_cache", {"kind": "tvm-paged"})
+        self.page_size = cache.get("page_size", PAGE_SIZE)
+        if cache["kind"] == "kv4-paged":
+            self.kv = KV4PagedCache(self.config, self.device, self.context_window, self.page_size)
+        elif cache["kind"] == "tvm-paged":
+            self.kv = TVMPagedCache(self.vm, self.device, max_batch_size, self.context_window,
+                                    self.prefill_chunk_size, PAGE_SIZE)
+        else:
+            raise QoqcError(f"artifact {self.path} needs a KV cache of kind {cache['kind']!r}, "
+                            "which this qoqc does not know (a newer qoqc wrote it?)")
         self._f = {name: self.vm[name] for name in ("prefill", "decode")}
-        self._fn_builtin = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
-                            for n in ("add_sequence", "remove_sequence", "popn", "begin_forward", "end_forward")}
         self._next_seq = 0
         self._lengths: dict[int, int] = {}  # tokens held per live sequence
         self._tokenizer = None
@@ -161,13 +166,13 @@ class Engine:
         """Open an empty sequence in the KV cache and return its id."""
         sid = self._next_seq
         self._next_seq += 1
-        self._fn_builtin["add_sequence"](self.kv, sid)
+        self.kv.add(sid)
         self._lengths[sid] = 0
         return sid
 
     def remove_sequence(self, seq_id: int) -> None:
         """Free a sequence's KV-cache pages."""
-        self._fn_builtin["remove_sequence"](self.kv, seq_id)
+        self.kv.remove(seq_id)
         del self._lengths[seq_id]
 
     def sequence_length(self, seq_id: int) -> int:
@@ -179,7 +184,7 @@ class Engine:
         if not 0 <= length <= self._lengths[seq_id]:
             raise QoqcError(f"cannot truncate sequence {seq_id} of {self._lengths[seq_id]} tokens to {length}")
         if length < self._lengths[seq_id]:
-            self._fn_builtin["popn"](self.kv, seq_id, self._lengths[seq_id] - length)
+            self.kv.truncate(seq_id, self._lengths[seq_id] - length)
             self._lengths[seq_id] = length
 
     def _reserve(self, seq_ids: list[int], lens: list[int]) -> None:
@@ -196,17 +201,15 @@ class Engine:
             if after[s] > self.context_window:
                 raise QoqcError(f"sequence {s} would hold {after[s]} tokens, over the context window of "
                                 f"{self.context_window}")
-        pages = sum(-(-n // PAGE_SIZE) for n in after.values())
-        if pages > -(-self.context_window // PAGE_SIZE):
+        pages = sum(-(-n // self.page_size) for n in after.values())
+        if pages > -(-self.context_window // self.page_size):
             raise QoqcError(f"the KV cache is full: {sum(after.values())} tokens in {len(after)} sequences need "
-                            f"{pages} pages of {PAGE_SIZE}, the cache holds {self.context_window} tokens")
+                            f"{pages} pages of {self.page_size}, the cache holds {self.context_window} tokens")
         self._lengths = after
 
     def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
         self._reserve(seq_ids, lens)
-        self._fn_builtin["begin_forward"](self.kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lens))
-        logits, _ = self._f[fn](*args, self.kv, self.params)
-        self._fn_builtin["end_forward"](self.kv)
+        logits = self.kv.run(lambda *a: self._f[fn](*a, self.params), seq_ids, lens, list(args))
         return logits.numpy()[0] if fn == "prefill" else logits.numpy()[:, 0]
 
     def prefill(self, items: list[tuple[int, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
@@ -278,9 +281,9 @@ class Engine:
             raise QoqcError(f"batch of {len(prompts)} prompts; this engine holds 1 to {self.max_batch_size}")
         reqs = [self._request(p, max_new_tokens, temperature, top_p, stop,
                               None if seed is None else seed + i) for i, p in enumerate(prompts)]
-        pages = sum(-(-(len(r.prompt) + r.max_new_tokens) // PAGE_SIZE) for r in reqs)
-        if pages > -(-self.context_window // PAGE_SIZE):
-            raise QoqcError(f"batch needs up to {pages} KV-cache pages of {PAGE_SIZE} tokens; the cache holds "
+        pages = sum(-(-(len(r.prompt) + r.max_new_tokens) // self.page_size) for r in reqs)
+        if pages > -(-self.context_window // self.page_size):
+            raise QoqcError(f"batch needs up to {pages} KV-cache pages of {self.page_size} tokens; the cache holds "
                             f"{self.context_window} tokens")
         it = self._run(reqs, streaming=False)
         try:

@@ -1,0 +1,132 @@
+"""Accuracy of the quantization schemes: perplexity of the fake-quantized model (``quant.simulate``).
+
+    python bench/accuracy.py [--model MODEL] [--wikitext-windows N] [--persuasion-windows N]
+                             [--calib-samples N] [--rows fp16,w8a8,...] [--out FILE]
+
+Every row is computed on the same tokens: WikiText-2 raw test (the standard "\\n\\n" join of its
+rows) and Jane Austen's Persuasion, cut into non-overlapping 2048-token windows as GPTQ/QoQ do
+(``runtime.evaluate``), the first N windows of each (all of them by default). Calibration uses
+the packaged default text (Pride and Prejudice), never an evaluation text. The simulation equals
+the compiled llvm module to ~3e-7 relative logit error with fp32 activations
+(``tests/test_qoq_model.py``); the table runs it in fp32 because the compiled CPU module is too
+slow for hundreds of thousands of tokens. Prints a Markdown table with the command that made it
+(docs/accuracy.md quotes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qoq_compiler.config import QUANT_SCHEMES  # noqa: E402
+from qoq_compiler.frontend.checkpoint import default_model_path, load_torch_model, open_checkpoint  # noqa: E402
+from qoq_compiler.quant.qoq import quantize_model  # noqa: E402
+from qoq_compiler.quant.simulate import simulate  # noqa: E402
+from qoq_compiler.runtime.evaluate import log_softmax_nll, wikitext_text  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+SEQ_LEN = 2048
+
+
+def _g128(**passes):
+    s = QUANT_SCHEMES["qoq-w4a8kv4-g128"]
+    return replace(s, passes=replace(s.passes, **passes))
+
+
+#: row label -> scheme (None: the float model)
+ROWS = {
+    "fp16": ("FP16 (float weights)", None),
+    "w8a8": ("W8A8", QUANT_SCHEMES["w8a8"]),
+    "rtn": ("RTN W4A8KV4 g128", QUANT_SCHEMES["rtn-w4a8kv4"]),
+    "qoq-g128": ("QoQ W4A8KV4 g128", QUANT_SCHEMES["qoq-w4a8kv4-g128"]),
+    "qoq-chn": ("QoQ W4A8KV4 per-channel", QUANT_SCHEMES["qoq-w4a8kv4-chn"]),
+    "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None)),
+    "no-rotation": ("QoQ g128, no rotation", _g128(rotation=False)),
+    "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False)),
+}
+
+
+def windows(tokenizer, text: str, limit: int | None) -> list[np.ndarray]:
+    ids = np.asarray(tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+    n = len(ids) // SEQ_LEN if limit is None else min(limit, len(ids) // SEQ_LEN)
+    return [ids[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(n)]
+
+
+@torch.no_grad()
+def perplexity(model, wins: list[np.ndarray], desc: str) -> float:
+    nll = 0.0
+    for w in tqdm(wins, desc=desc, unit="window", leave=False):
+        logits = model(torch.from_numpy(w)[None]).logits[0].float().numpy()
+        nll += float(log_softmax_nll(logits[:-1], w[1:]).sum())
+    return math.exp(nll / (len(wins) * (SEQ_LEN - 1)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--wikitext-windows", type=int, default=None, help="first N windows (default: all)")
+    p.add_argument("--persuasion-windows", type=int, default=None, help="first N windows (default: all)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples of 512 tokens (default 128)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    path = Path(args.model) if args.model else default_model_path()
+    tokenizer = open_checkpoint(path).tokenizer
+    texts = {
+        "WikiText-2": windows(tokenizer, wikitext_text(DATA / "wikitext-2-raw-v1" / "wiki.test.raw"),
+                              args.wikitext_windows),
+        "Persuasion": windows(tokenizer, (DATA / "text" / "austen_persuasion.txt").read_text(encoding="utf-8"),
+                              args.persuasion_windows),
+    }
+    base = load_torch_model(path)
+    results = []
+    for key in args.rows.split(","):
+        label, scheme = ROWS[key]
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        if scheme is not None:
+            if scheme.passes is not None and args.calib_samples:
+                scheme = replace(scheme, passes=replace(scheme.passes, calib_samples=args.calib_samples))
+            simulate(model, scheme, quantize_model(model, tokenizer, scheme))
+        t1 = time.perf_counter()
+        ppl = {name: perplexity(model, wins, f"{key} {name}") for name, wins in texts.items()}
+        results.append((label, ppl, t1 - t0))
+        print(f"{label}: " + ", ".join(f"{n} {v:.3f}" for n, v in ppl.items())
+              + f"  (quantize {t1 - t0:.0f} s, eval {time.perf_counter() - t1:.0f} s)", flush=True)
+
+    ref = dict(results[0][1]) if results and ROWS[args.rows.split(",")[0]][1] is None else None
+    lines = [f"Model: `{path.name}`. Device: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+             f"{date.today().isoformat()}.",
+             "Command: `python bench/accuracy.py " + " ".join(sys.argv[1:]) + "`",
+             "Tokens: " + ", ".join(f"{n} {len(w)} x {SEQ_LEN}" for n, w in texts.items()) + ".", "",
+             "| scheme | " + " | ".join(f"{n} ppl" for n in texts) + (" | Δ vs FP16 (WikiText-2)" if ref else "")
+             + " | quantize s |",
+             "|---|" + "---|" * len(texts) + ("---|" if ref else "") + "---|"]
+    for label, ppl, secs in results:
+        delta = f" | {100 * (ppl['WikiText-2'] / ref['WikiText-2'] - 1):+.1f}%" if ref else ""
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in ppl.values()) + f"{delta} | {secs:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
