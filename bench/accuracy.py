@@ -47,17 +47,22 @@ def _g128(**passes):
     return replace(s, passes=replace(s.passes, **passes))
 
 
-#: row label -> scheme (None: the float model)
+#: row key -> (label, scheme (None: the float model), quantize activations)
 ROWS = {
-    "fp16": ("FP16 (float weights)", None),
-    "w8a8": ("W8A8", QUANT_SCHEMES["w8a8"]),
-    "rtn": ("RTN W4A8KV4 g128", QUANT_SCHEMES["rtn-w4a8kv4"]),
-    "qoq-g128": ("QoQ W4A8KV4 g128", QUANT_SCHEMES["qoq-w4a8kv4-g128"]),
-    "qoq-chn": ("QoQ W4A8KV4 per-channel", QUANT_SCHEMES["qoq-w4a8kv4-chn"]),
-    "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None)),
-    "no-rotation": ("QoQ g128, no rotation", _g128(rotation=False)),
-    "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False)),
+    "fp16": ("FP16 (float weights)", None, False),
+    "w8a8": ("W8A8", QUANT_SCHEMES["w8a8"], True),
+    "rtn": ("RTN W4A8KV4 g128", QUANT_SCHEMES["rtn-w4a8kv4"], True),
+    "qoq-g128": ("QoQ W4A8KV4 g128", QUANT_SCHEMES["qoq-w4a8kv4-g128"], True),
+    "qoq-chn": ("QoQ W4A8KV4 per-channel", QUANT_SCHEMES["qoq-w4a8kv4-chn"], True),
+    "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None), True),
+    "no-rotation": ("QoQ g128, no rotation", _g128(rotation=False), True),
+    "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False), True),
+    # the error's parts: 4-bit weights alone, then with 8-bit activations (KV cache in float)
+    "g128-w4": ("QoQ g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"),
+                False),
+    "g128-w4a8": ("QoQ g128 W4A8, float KV", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"), True),
 }
+DEFAULT_ROWS = "fp16,w8a8,rtn,qoq-g128,qoq-chn,no-smooth-attn,no-rotation,no-gptq"
 
 
 def windows(tokenizer, text: str, limit: int | None) -> list[np.ndarray]:
@@ -81,7 +86,7 @@ def main() -> int:
     p.add_argument("--wikitext-windows", type=int, default=None, help="first N windows (default: all)")
     p.add_argument("--persuasion-windows", type=int, default=None, help="first N windows (default: all)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples of 512 tokens (default 128)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {', '.join(ROWS)}")
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args()
 
@@ -97,13 +102,13 @@ def main() -> int:
     base = load_torch_model(path)
     results = []
     for key in args.rows.split(","):
-        label, scheme = ROWS[key]
+        label, scheme, activations = ROWS[key]
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         if scheme is not None:
             if scheme.passes is not None and args.calib_samples:
                 scheme = replace(scheme, passes=replace(scheme.passes, calib_samples=args.calib_samples))
-            simulate(model, scheme, quantize_model(model, tokenizer, scheme))
+            simulate(model, scheme, quantize_model(model, tokenizer, scheme), activations=activations)
         t1 = time.perf_counter()
         ppl = {name: perplexity(model, wins, f"{key} {name}") for name, wins in texts.items()}
         results.append((label, ppl, t1 - t0))

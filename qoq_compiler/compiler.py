@@ -29,6 +29,7 @@ from .errors import QoqcError
 from .frontend.checkpoint import default_model_path, from_torch_model, load_torch_model, open_checkpoint
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
+from .passes.quantize_linears import QuantizeLinears
 from .quant.convert import quantizer
 from .quant.qoq import quantize_model
 from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
@@ -117,9 +118,10 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head
         if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme, tgt, schedules.kernels, KV4_PAGE_SIZE)
+            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, schedules.kernels, KV4_PAGE_SIZE)
         else:
-            model = LlamaForCausalLM(cfg, scheme, tgt, kernels=schedules.kernels)
+            model = LlamaForCausalLM(cfg, scheme.dtype, tgt)
+        model = QuantizeLinears(scheme, schedules.kernels).visit("", model)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
         if dump_ir:

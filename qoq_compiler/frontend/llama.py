@@ -1,9 +1,9 @@
 """The Llama-family decoder (Llama-2/3, Mistral, Qwen2) as a ``relax.frontend.nn`` module.
 
-One model file for every precision: the linear layer and the KV cache are the two places a
-quantization scheme swaps (``Linear``, ``W8A8Linear`` or ``W4A8Linear``; a 4-bit paged cache
-next); everything else is shared. Quantized layers emit the compute definitions the compiler
-hands in (``kernels``, from ``schedules``), so this file names no kernel implementation.
+One float model for every precision: a quantization scheme changes the linear layers (the pass
+``passes.quantize_linears`` swaps each ``Linear`` for its quantized op) and the KV cache
+(``LlamaKV4ForCausalLM`` below); everything else is shared. The KV4 cache emits the compute
+definitions the compiler hands in (``kernels``, from ``schedules``), so this file names no kernel.
 
 Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
     qkv = RMSNorm(x) @ W_qkv^T (+ b_qkv)        [T, (Hq + 2 Hkv) D]    (q, k, v fused)
@@ -31,7 +31,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from ..config import ModelConfig, QuantScheme
+from ..config import ModelConfig
 
 #: Entry points of the compiled module, in the order the runtime expects them (the KV4 model's
 #: cache is allocated by the runtime, so it has no ``create_kv_cache``).
@@ -51,70 +51,10 @@ class Linear(nn.Linear):
         return y if self.dtype == "float32" else op.astype(y, self.dtype)
 
 
-class W8A8Linear(nn.Module):
-    """y = (sum_k qx qw) * sx * sw (+ b): per-token int8 activations, per-channel int8 weights.
-
-    Parameters: ``weight`` int8 [out, in], ``weight_scale`` fp16 [out], ``bias`` fp32 [out]. Two
-    kernels: per-token quantization of x, then the int8 GEMM with its fp32 epilogue.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, kernels):
-        self.weight = nn.Parameter((out_features, in_features), "int8")
-        self.weight_scale = nn.Parameter((out_features,), "float16")
-        self.bias = nn.Parameter((out_features,), "float32") if bias else None
-        self.dtype, self.kernels = dtype, kernels
-
-    def forward(self, x: Tensor) -> Tensor:
-        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
-        y = op.tensor_expr_op(self.kernels.w8a8_matmul, "w8a8_matmul", [qx, sx, self.weight, self.weight_scale])
-        if self.bias is not None:
-            y = y + self.bias
-        return y if self.dtype == "float32" else op.astype(y, self.dtype)
-
-
-class W4A8Linear(nn.Module):
-    """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (``schedules.w4a8_gemm``).
-
-    Parameters: ``weight`` uint32 [out, ceil(in/8)] (eight 4-bit codes per word along in), ``weight_scale``
-    fp16 [out] (s1); per group g: ``weight_group_scale`` / ``weight_group_zero`` int8 [out, ceil(in/g)]
-    (s2, z2); per channel: ``weight_zero`` fp16 [out] (z); ``bias`` fp32 [out].
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, kernels):
-        self.weight = nn.Parameter((out_features, -(-in_features // 8)), "uint32")
-        self.weight_scale = nn.Parameter((out_features,), "float16")
-        if group is None:
-            self.weight_zero = nn.Parameter((out_features,), "float16")
-        else:
-            groups = -(-in_features // group)
-            self.weight_group_scale = nn.Parameter((out_features, groups), "int8")
-            self.weight_group_zero = nn.Parameter((out_features, groups), "int8")
-        self.bias = nn.Parameter((out_features,), "float32") if bias else None
-        self.dtype, self.group, self.kernels = dtype, group, kernels
-
-    def forward(self, x: Tensor) -> Tensor:
-        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
-        zeros = [self.weight_zero] if self.group is None else [self.weight_group_scale, self.weight_group_zero]
-        y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
-                              [qx, sx, self.weight, self.weight_scale, *zeros])
-        if self.bias is not None:
-            y = y + self.bias
-        return y if self.dtype == "float32" else op.astype(y, self.dtype)
-
-
-def make_linear(scheme: QuantScheme, kernels):
-    """The linear-layer constructor ``(in, out, bias) -> nn.Module`` of a quantization scheme."""
-    if scheme.weights == "int8":
-        return lambda i, o, bias: W8A8Linear(i, o, bias, scheme.dtype, kernels)
-    if scheme.weights == "int4":
-        return lambda i, o, bias: W4A8Linear(i, o, bias, scheme.dtype, scheme.group, kernels)
-    return lambda i, o, bias: Linear(i, o, bias, scheme.dtype)
-
-
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear):
-        self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, False)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False)
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -122,10 +62,10 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear):
+    def __init__(self, cfg: ModelConfig, dtype: str):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv_proj = linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias)
-        self.o_proj = linear(cfg.q_size, cfg.hidden_size, cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, t, _ = x.shape
@@ -135,11 +75,11 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, linear):
+    def __init__(self, cfg: ModelConfig, dtype: str):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.self_attn = Attention(cfg, linear)
+        self.self_attn = Attention(cfg, dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.mlp = MLP(cfg, linear)
+        self.mlp = MLP(cfg, dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
@@ -147,9 +87,9 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str, linear):
+    def __init__(self, cfg: ModelConfig, dtype: str):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, linear) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
     def forward(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
@@ -162,13 +102,12 @@ class Backbone(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied).
 
-    Embedding, norms and lm_head stay in ``scheme.dtype`` (QoQ quantizes the decoder's linears only).
+    Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
     """
 
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, target, kernels=None):
-        dtype = scheme.dtype
+    def __init__(self, cfg: ModelConfig, dtype: str, target):
         self.cfg, self.dtype, self.target = cfg, dtype, target
-        self.model = Backbone(cfg, dtype, make_linear(scheme, kernels))
+        self.model = Backbone(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
 
@@ -289,8 +228,8 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
     """
 
-    def __init__(self, cfg: ModelConfig, scheme: QuantScheme, target, kernels, page_size: int):
-        super().__init__(cfg, scheme, target, kernels)
+    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels, page_size: int):
+        super().__init__(cfg, dtype, target)
         self.kernels, self.page_size = kernels, page_size
         self.gpu = "gpu" in target.keys
 

@@ -54,8 +54,11 @@ def _register_attention() -> None:
 
 
 @torch.no_grad()
-def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight]) -> None:
-    """Turn ``model`` (after the scheme's passes) into its fake-quantized twin, in place."""
+def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight], activations: bool = True) -> None:
+    """Turn ``model`` (after the scheme's passes) into its fake-quantized twin, in place.
+
+    ``activations=False`` leaves the linears' inputs in float (to measure the weights' share of
+    the error alone); ``scheme.kv == "float"`` leaves the KV cache in float."""
     params = dict(model.named_parameters())
     for i, layer in enumerate(model.model.layers):
         for name in linear_names(i).values():
@@ -65,6 +68,8 @@ def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight]) ->
                 p = params[src]
                 p.copy_(w[row:row + p.shape[0]].to(p.dtype))
                 row += p.shape[0]
+        if not activations:
+            continue
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             mod.register_forward_pre_hook(lambda _m, inp: (fake_quantize_per_token(inp[0]), *inp[1:]))

@@ -1,0 +1,1 @@
+"""Rewrites of the model before and after its export to Relax IR."""

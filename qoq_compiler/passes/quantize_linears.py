@@ -1,0 +1,87 @@
+"""QuantizeLinears: rewrite every decoder linear of the float model into its quantized op.
+
+An ``nn.Mutator`` over the ``relax.frontend.nn`` model, run before export (as MLC-LLM's quantizers
+do): each ``frontend.llama.Linear`` (qkv, o, gate_up, down of every layer) becomes
+    scheme.weights "int8":  W8A8Linear   quantize_per_token(x) -> w8a8_matmul   (int8 x int8 -> int32)
+    scheme.weights "int4":  W4A8Linear   quantize_per_token(x) -> w4a8_matmul   (int8 x uint4 -> int32)
+with the parameters that ``quant.convert`` fills offline; embedding, norms and lm_head stay float.
+The exported Relax IR thus holds the activation-quantize and W4A8 calls where the float model had
+matmuls, each a ``call_tir`` of the compute definitions handed in as ``kernels`` (``schedules``);
+the tensor-core GEMM plugs in behind the same ops.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from ..config import QuantScheme
+from ..frontend.llama import Linear
+
+
+class W8A8Linear(nn.Module):
+    """y = (sum_k qx qw) * sx * sw (+ b): per-token int8 activations, per-channel int8 weights.
+
+    Parameters: ``weight`` int8 [out, in], ``weight_scale`` fp16 [out], ``bias`` fp32 [out]. Two
+    kernels: per-token quantization of x, then the int8 GEMM with its fp32 epilogue.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, kernels):
+        self.weight = nn.Parameter((out_features, in_features), "int8")
+        self.weight_scale = nn.Parameter((out_features,), "float16")
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
+        self.dtype, self.kernels = dtype, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
+        y = op.tensor_expr_op(self.kernels.w8a8_matmul, "w8a8_matmul", [qx, sx, self.weight, self.weight_scale])
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.dtype == "float32" else op.astype(y, self.dtype)
+
+
+class W4A8Linear(nn.Module):
+    """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (``schedules.w4a8_gemm``).
+
+    Parameters: ``weight`` uint32 [out, ceil(in/8)] (eight 4-bit codes per word along in), ``weight_scale``
+    fp16 [out] (s1); per group g: ``weight_group_scale`` / ``weight_group_zero`` int8 [out, ceil(in/g)]
+    (s2, z2); per channel: ``weight_zero`` fp16 [out] (z); ``bias`` fp32 [out].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, kernels):
+        self.weight = nn.Parameter((out_features, -(-in_features // 8)), "uint32")
+        self.weight_scale = nn.Parameter((out_features,), "float16")
+        if group is None:
+            self.weight_zero = nn.Parameter((out_features,), "float16")
+        else:
+            groups = -(-in_features // group)
+            self.weight_group_scale = nn.Parameter((out_features, groups), "int8")
+            self.weight_group_zero = nn.Parameter((out_features, groups), "int8")
+        self.bias = nn.Parameter((out_features,), "float32") if bias else None
+        self.dtype, self.group, self.kernels = dtype, group, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
+        zeros = [self.weight_zero] if self.group is None else [self.weight_group_scale, self.weight_group_zero]
+        y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
+                              [qx, sx, self.weight, self.weight_scale, *zeros])
+        if self.bias is not None:
+            y = y + self.bias
+        return y if self.dtype == "float32" else op.astype(y, self.dtype)
+
+
+class QuantizeLinears(nn.Mutator):
+    def __init__(self, scheme: QuantScheme, kernels):
+        self.scheme, self.kernels = scheme, kernels
+
+    def visit_module(self, name: str, node: nn.Module):
+        if isinstance(node, Linear):
+            s, args = self.scheme, (node.in_features, node.out_features, node.bias is not None, node.dtype)
+            if s.weights == "int8":
+                return W8A8Linear(*args, self.kernels)
+            if s.weights == "int4":
+                return W4A8Linear(*args, s.group, self.kernels)
+            return node
+        return self.visit(name, node)
