@@ -83,13 +83,15 @@ def kv4_quantize(k: te.Tensor, v: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
     return codes, params
 
 
-def kv4_scatter(num_layers: int, num_kv_heads: int, head_dim: int, layer: int) -> tirx.PrimFunc:
-    """In place: kv_data[layer, :, slots[t]] = codes[t], kv_param[layer, :, slots[t]] = params[t]."""
+def kv4_scatter(num_layers: int, num_kv_heads: int, head_dim: int) -> tirx.PrimFunc:
+    """In place: kv_data[layer, :, slots[t]] = codes[t], kv_param[layer, :, slots[t]] = params[t].
+
+    ``layer`` is a scalar argument, so one function serves every layer."""
     half = head_dim // 2
 
     @T.prim_func(s_tir=True, private=True)
     def scatter(var_data: T.handle, var_param: T.handle, var_codes: T.handle, var_params: T.handle,
-                var_slots: T.handle):
+                var_slots: T.handle, layer: T.int64):
         T.func_attr({"tirx.noalias": True})
         n, s = T.int64(), T.int64()
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
@@ -109,8 +111,9 @@ def kv4_scatter(num_layers: int, num_kv_heads: int, head_dim: int, layer: int) -
 
 
 def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                  layer: int, sm_scale: float, dtype: str, gpu: bool) -> tirx.PrimFunc:
-    """PrimFunc (q [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table [B, MP], out)."""
+                  sm_scale: float, dtype: str, gpu: bool) -> tirx.PrimFunc:
+    """PrimFunc (q [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table [B, MP],
+    layer (int64 scalar), out [T, Hq, D])."""
     half, group, threads = head_dim // 2, num_q_heads // num_kv_heads, 64
     outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
     inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
@@ -118,7 +121,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_data: T.handle, var_param: T.handle, var_pos: T.handle,
-                  var_seq: T.handle, var_table: T.handle, var_out: T.handle):
+                  var_seq: T.handle, var_table: T.handle, layer: T.int64, var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n, s, b, mp = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (n, num_q_heads, head_dim), dtype)

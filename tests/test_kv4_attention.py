@@ -34,7 +34,7 @@ def quantize_and_store(k, v, cache, slots, layer):
     tc, tp = _t(c), _t(p)
     _build(te.create_prim_func([kp, vp, codes, params]))(_t(k), _t(v), tc, tp)
     num_layers = cache[0].shape[0]
-    _build(ka.kv4_scatter(num_layers, hkv, d, layer))(cache[0], cache[1], tc, tp, _t(slots))
+    _build(ka.kv4_scatter(num_layers, hkv, d))(cache[0], cache[1], tc, tp, _t(slots), layer)
     return tc.numpy(), tp.numpy()
 
 
@@ -72,8 +72,8 @@ def test_kv4_cache_and_attention(hq, hkv, d):
     q = rng.standard_normal((n, hq, d)).astype("float32")
     sm = d ** -0.5
     out = _t(np.zeros((n, hq, d), "float32"))
-    _build(ka.kv4_attention(layers, hq, hkv, d, page, layer, sm, "float32", gpu=False))(
-        _t(q), cache[0], cache[1], _t(pos), _t(seq), _t(table), out)
+    _build(ka.kv4_attention(layers, hq, hkv, d, page, sm, "float32", gpu=False))(
+        _t(q), cache[0], cache[1], _t(pos), _t(seq), _t(table), layer, out)
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]])[seq]  # each token's sequence start row
     hist = [slice(first[t], first[t] + pos[t] + 1) for t in range(n)]
     ref = ka.reference(q, [k_hat[h] for h in hist], [v_hat[h] for h in hist], sm)

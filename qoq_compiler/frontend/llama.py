@@ -205,14 +205,15 @@ class KV4Cache:
             partial(k.rope, num_q_heads=num_heads, num_kv_heads=cfg.num_kv_heads, theta=cfg.rope_theta,
                     rope_scaling=dict(cfg.rope_scaling)), "rope", [x, self.positions])
         codes, params = op.tensor_expr_op(k.kv4_quantize, "kv4_quantize", [key, val])
+        layer = tirx.IntImm("int64", layer_id)  # a scalar argument: one kernel serves every layer
         self.data, self.param = op.tensor_ir_inplace_op(
-            k.kv4_scatter(cfg.num_layers, cfg.num_kv_heads, d, layer_id), "kv4_scatter",
-            [self.data, self.param, codes, params, self.slots], inplace_indices=[0, 1],
+            k.kv4_scatter(cfg.num_layers, cfg.num_kv_heads, d), "kv4_scatter",
+            [self.data, self.param, codes, params, self.slots, layer], inplace_indices=[0, 1],
             out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
         out = op.tensor_ir_op(
-            k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, layer_id, sm_scale,
+            k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, sm_scale,
                             self.dtype, self.gpu), "kv4_attention",
-            [q, self.data, self.param, self.positions, self.token_seq, self.page_table],
+            [q, self.data, self.param, self.positions, self.token_seq, self.page_table, layer],
             out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
         return op.reshape(out, (b, t, num_heads, d))
 
