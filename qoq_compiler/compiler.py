@@ -30,6 +30,7 @@ from .frontend.checkpoint import default_model_path, from_torch_model, load_torc
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
 from .passes.quantize_linears import QuantizeLinears
+from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
 from .quant.qoq import quantize_model
 from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
@@ -39,6 +40,7 @@ import tvm_ffi  # noqa: E402  (after tvm_env's version check)
 from tvm import relax  # noqa: E402
 
 import schedules  # noqa: E402
+from schedules import nvcc  # noqa: E402
 
 TARGETS = ("llvm", "cuda")
 CUDA_ARCHS = ("sm_80", "sm_89", "sm_90")
@@ -117,18 +119,20 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head
+        kernels = schedules.kernels_for(tgt)
         if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, schedules.kernels, KV4_PAGE_SIZE)
+            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, KV4_PAGE_SIZE)
         else:
             model = LlamaForCausalLM(cfg, scheme.dtype, tgt)
-        model = QuantizeLinears(scheme, schedules.kernels).visit("", model)
+        model = QuantizeLinears(scheme, kernels).visit("", model)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
         if dump_ir:
             (tmp / "ir").mkdir()
             (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
 
-        shards = _write_params(tmp, convert(ckpt, params, quantizer(scheme, weights)), len(params), progress)
+        quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
+        shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
 
         phases = pipeline_phases(tgt)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
@@ -140,9 +144,9 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         if dump_ir:
             (tmp / "ir" / "relax_after.py").write_text(mod.script(show_meta=False))
         bar.set_postfix_str("codegen")
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=None)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=None, tir_pipeline=schedules.TIR_PIPELINE)
         if dump_ir and target == "cuda":
-            (tmp / "ir" / "kernels.cu").write_text(cuda_source(ex))
+            (tmp / "ir" / "kernels.cu").write_text(nvcc.cuda_source(ex))
         bar.update()
         bar.set_postfix_str("export")
         ex.export_library(str(tmp / LIBRARY))
@@ -171,19 +175,6 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         })
         say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")
     return out
-
-
-def cuda_source(ex) -> str:
-    """The CUDA C++ of every device kernel in a compiled executable (kept as source until load)."""
-    pending, found = [ex.mod], []
-    while pending:
-        m = pending.pop()
-        if m.kind == "cuda":
-            found.append(m.inspect_source("cuda"))
-        pending.extend(m.imports)
-    if not found:
-        raise QoqcError("the CUDA build produced no device code")
-    return "\n".join(found)
 
 
 def _write_params(root: Path, tensors, count: int, progress: bool) -> list[str]:

@@ -1,10 +1,19 @@
 """Packed layouts of 4-bit data, as integer index functions and NumPy pack/unpack.
 
-Row-major nibble packing along the reduction axis (the portable layout; the tensor-core GEMM's
-compute-aware reordering is a permutation applied on top of it):
+UINT4 weight codes [N, K] of the W4A8 GEMM are stored in QServe's compute-aware reordering (the
+"MMA layout"): N and K are zero-padded to multiples of 32 and every 32 (n) x 32 (k) tile is 512
+contiguous bytes, 16 per lane of a warp, so that one 16-byte load gives a lane its operands of four
+m16n8k32 ``mma.sync`` B fragments (channels l, 8 + l, 16 + l, 24 + l) without ldmatrix:
 
-    codes  uint4 [N, K]        (values 0..15)
-    packed uint32 [N, K / 8]   word(n, k) = packed[n, k // 8],  nibble = (word >> 4 * (k % 8)) & 0xF
+    packed uint32 [N/32, K/32, 32, 4]
+    n = 32 nt + 16 h + 8 s + l,  k = 32 kt + 16 p + 4 c + r       (h, s, p in 0..1; l < 8; c, r < 4)
+    lane = 4 l + c,  word = 2 p + s,  bits = 8 r + 4 h
+i.e. byte r of word (p, s) holds channel 8s + l in its low nibble and 16 + 8s + l in its high one,
+for k = 16p + 4c + r: exactly the s8 B fragment of lane 4l + c (PTX ISA, mma.m16n8k32: col
+groupID = l, rows 4c + r and 16 + 4c + r in registers 0 and 1). ``x & 0x0F0F0F0F`` and
+``(x >> 4) & 0x0F0F0F0F`` of the four words are the eight fragment registers. Per-group scales and
+zeros go with it as [G, N/32 * 32] in the channel order ``mma_channel_order`` (lane group l reads
+one uint32: the bytes of channels l, 8 + l, 16 + l, 24 + l).
 
 Index functions use only ``//``, ``%``, ``*``, ``>>`` and ``&`` so they work on Python ints, NumPy
 arrays and TIR expressions alike.
@@ -14,34 +23,58 @@ from __future__ import annotations
 
 import numpy as np
 
-NIBBLES_PER_WORD = 8
+MMA_TILE = 32
 
 
-def word_index(k):
-    """Which uint32 word along K holds element k."""
-    return k // NIBBLES_PER_WORD
+def pad32(x: int) -> int:
+    """x rounded up to a multiple of 32 (the MMA layout's tile)."""
+    return -(-x // MMA_TILE) * MMA_TILE
 
 
-def nibble_shift(k):
-    """Bit offset of element k inside its word."""
-    return (k % NIBBLES_PER_WORD) * 4
+def mma_index(n, k):
+    """(nt, kt, lane, word, bit shift) of weight (n, k) in the MMA layout."""
+    r, c = n % 32, k % 32
+    return (n // 32, k // 32, (r % 8) * 4 + (c % 16) // 4, (c // 16) * 2 + (r % 16) // 8,
+            (c % 4) * 8 + (r // 16) * 4)
 
 
-def pack_uint4(codes: np.ndarray) -> np.ndarray:
-    """uint4 codes [..., K] (K a multiple of 8) -> uint32 [..., K / 8]."""
+def mma_channel_order(n: int) -> np.ndarray:
+    """Channel stored at each position of an MMA-ordered per-channel vector of length pad32(n)."""
+    pos = np.arange(pad32(n))
+    return pos // 32 * 32 + (pos % 4) * 8 + (pos % 32) // 4
+
+
+def mma_channel_position(n):
+    """Position of channel n in an MMA-ordered vector (inverse of ``mma_channel_order``)."""
+    return n // 32 * 32 + (n % 8) * 4 + (n % 32) // 8
+
+
+def pack_uint4_mma(codes: np.ndarray) -> np.ndarray:
+    """uint4 codes [N, K] -> uint32 [N/32, K/32, 32, 4] (padded with zero codes; see the module docstring)."""
     codes = np.asarray(codes)
-    if codes.shape[-1] % NIBBLES_PER_WORD:
-        raise ValueError(f"K={codes.shape[-1]} is not a multiple of {NIBBLES_PER_WORD}")
     if codes.size and (codes.min() < 0 or codes.max() > 15):
         raise ValueError("4-bit codes must lie in [0, 15]")
-    c = codes.astype(np.uint32).reshape(*codes.shape[:-1], -1, NIBBLES_PER_WORD)
-    shifts = (np.arange(NIBBLES_PER_WORD, dtype=np.uint32) * 4)
-    return np.bitwise_or.reduce(c << shifts, axis=-1).astype(np.uint32)
+    n, k = codes.shape
+    c = np.zeros((pad32(n), pad32(k)), np.uint32)
+    c[:n, :k] = codes
+    # [nt, h, s, l, kt, p, c, r] -> [nt, kt, l, c, p, s, r, h]
+    t = c.reshape(-1, 2, 2, 8, c.shape[1] // 32, 2, 4, 4).transpose(0, 4, 3, 6, 5, 2, 7, 1)
+    nib = t[..., 0] | (t[..., 1] << 4)                                 # bytes [nt, kt, l, c, p, s, r]
+    words = np.bitwise_or.reduce(nib << (np.arange(4, dtype=np.uint32) * 8), axis=-1)
+    return words.reshape(c.shape[0] // 32, c.shape[1] // 32, 32, 4).astype(np.uint32)
 
 
-def unpack_uint4(packed: np.ndarray) -> np.ndarray:
-    """uint32 [..., K / 8] -> uint8 codes [..., K]."""
+def unpack_uint4_mma(packed: np.ndarray, n: int, k: int) -> np.ndarray:
+    """uint32 [N/32, K/32, 32, 4] -> uint8 codes [n, k] (inverse of ``pack_uint4_mma``)."""
     packed = np.asarray(packed, dtype=np.uint32)
-    shifts = (np.arange(NIBBLES_PER_WORD, dtype=np.uint32) * 4)
-    codes = (packed[..., None] >> shifts) & np.uint32(0xF)
-    return codes.reshape(*packed.shape[:-1], -1).astype(np.uint8)
+    nn, kk = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
+    nt, kt, lane, word, shift = mma_index(nn, kk)
+    return ((packed[nt, kt, lane, word] >> shift.astype(np.uint32)) & np.uint32(0xF)).astype(np.uint8)
+
+
+def to_mma_channel_order(x: np.ndarray) -> np.ndarray:
+    """Per-channel values [N, ...] -> [pad32(N), ...] in MMA channel order (padding zero)."""
+    x = np.asarray(x)
+    out = np.zeros((pad32(x.shape[0]), *x.shape[1:]), x.dtype)
+    out[:x.shape[0]] = x
+    return out[mma_channel_order(x.shape[0])]

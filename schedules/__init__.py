@@ -3,25 +3,73 @@
 ``default_rules(target)`` is the ordered rule list: on GPUs, dlight's generic rules; on CPUs
 qoqc's vectorized, multi-core reduction rule (``cpu_matmul``), other functions staying as
 legalized loops (``dlight.cpu.GEMV`` is left out: it stalls LLVM codegen for minutes on LLM
-shapes). Functions already scheduled (the KV-cache kernels, tagged ``tirx.is_scheduled``) are
-skipped by ``ApplyDefaultSchedule``.
+shapes). Functions already scheduled (the KV-cache kernels, the tensor-core GEMM, tagged
+``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
+
+``kernels_for(target)`` is what the model's quantized layers emit: TE compute definitions on every
+target, plus the hand-written tensor-core W4A8 GEMM on CUDA. That kernel is TVMScript written
+against PTX (``T.ptx``); it must be lowered by TVM's ``tirx`` pipeline, which keeps its explicit
+shared buffers as declared (the default ``s_tir`` pipeline compacts buffers only addressed through
+pointers). ``TIR_PIPELINE`` ("qoqc") lowers functions tagged ``qoqc.tir_pipeline = "tirx"`` that
+way and everything else with ``s_tir``.
 """
 
+from functools import lru_cache
 from types import SimpleNamespace
 
 import tvm
 from tvm import tirx
 from tvm.s_tir import dlight as dl
 
-from . import kv4_attention, w4a8_gemm, w8a8_gemm
+from . import kv4_attention, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
 
 #: Compute definitions that the model's quantized layers emit (handed to the frontend by the compiler).
 kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul,
-                          w4a8_matmul=w4a8_gemm.w4a8_matmul, rope=kv4_attention.rope,
+                          w4a8_matmul=w4a8_gemm.w4a8_matmul, w4a8_tensor_core=None,
+                          token_sum=w4a8_gemm.token_sum, rope=kv4_attention.rope,
                           kv4_quantize=kv4_attention.kv4_quantize, kv4_scatter=kv4_attention.kv4_scatter,
                           kv4_attention=kv4_attention.kv4_attention)
+
+
+def kernels_for(target) -> SimpleNamespace:
+    """``kernels`` for ``target``: on CUDA, ``w4a8_tensor_core(n, k, group)`` gives the tensor-core
+    GEMM PrimFunc for a linear, or None where its shape needs the portable kernel."""
+    if target.kind.name != "cuda":
+        return kernels
+
+    @lru_cache(maxsize=None)
+    def tensor_core(n: int, k: int, group: int | None):
+        return w4a8_gemm_tc.tensor_core_gemm(n, k, group) if w4a8_gemm_tc.supports_tensor_cores(n, k, group) else None
+
+    return SimpleNamespace(**{**vars(kernels), "w4a8_tensor_core": tensor_core})
+
+
+TIR_PIPELINE = "qoqc"
+
+
+def _tir_pipeline():
+    s_tir_pass, finalize_host, finalize_device = tirx.get_tir_pipeline("s_tir")
+    tirx_pass, _, _ = tirx.get_tir_pipeline("tirx")
+
+    @tvm.transform.module_pass(opt_level=0, name="QoqcTIRPipeline")
+    def lower(mod, _ctx):
+        tagged = {gv: f for gv, f in mod.functions.items()
+                  if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                  and f.attrs.get("qoqc.tir_pipeline") == "tirx"}
+        if not tagged:
+            return s_tir_pass(mod)
+        rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in tagged}, attrs=mod.attrs)
+        out = s_tir_pass(rest)
+        for gv, f in tirx_pass(tvm.IRModule(tagged, attrs=mod.attrs)).functions.items():
+            out[gv] = f
+        return out
+
+    return lower, finalize_host, finalize_device
+
+
+tirx.register_tir_pipeline(TIR_PIPELINE, _tir_pipeline)
 
 
 @tvm.transform.module_pass(opt_level=0, name="KeepInt8OffWmma")

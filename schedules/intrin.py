@@ -24,7 +24,8 @@ def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
 
 
 @contextmanager
-def _fast_inspect_stack():
+def fast_tvmscript():
+    """Parse TVMScript with the fast ``inspect.stack`` (for qoqc's own kernels too)."""
     saved = inspect.stack
     inspect.stack = _frames_without_source
     try:
@@ -36,6 +37,6 @@ def _fast_inspect_stack():
 def load_cuda_intrinsics():
     """Import (once) and return ``tvm.s_tir.tensor_intrin.cuda``, registering its tensor intrinsics."""
     if "tvm.s_tir.tensor_intrin.cuda" not in sys.modules:
-        with _fast_inspect_stack():
+        with fast_tvmscript():
             import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
     return sys.modules["tvm.s_tir.tensor_intrin.cuda"]

@@ -1,25 +1,29 @@
 """W4A8 GEMM of QoQ: int8 activations x packed UINT4 weights -> int32 accumulators -> float.
 
-Inputs: per-token int8 activations ``qx`` [M, K] with fp16 scales ``sx`` [M, 1]; weights packed
-eight 4-bit codes per uint32 along K (``qoq_compiler.layout``), ``qw`` [N, ceil(K/8)] (the last
-word's padding is never read: the reduction runs over K).
+Inputs: per-token int8 activations ``qx`` [M, K] with fp16 scales ``sx`` [M, 1]; UINT4 weight codes
+in the MMA layout (``qoq_compiler.layout``), ``qw`` uint32 [N/32, K/32, 32, 4], N and K padded to
+multiples of 32; per-channel vectors (``s1``, ``z``) in natural order, per-group ones (``s2``,
+``z2``) as [G, N/32 * 32] in MMA channel order. Padded channels and inputs are never read here:
+the reduction runs over K and the output over N.
 
-Per-channel (QoQ gchn; W_hat[n, k] = qw[n, k] * s1[n] - z[n], the zero in weight units):
-    psum[m, n] = sum_k qx[m, k] * qw[n, k]                     int8 x uint4 -> int32
-    xsum[m]    = sum_k qx[m, k]                                int32
+Per-channel (QoQ gchn; W_hat[n, k] = q[n, k] * s1[n] - z[n], the zero in weight units):
+    psum[m, n] = sum_k qx[m, k] * q[n, k]                      int8 x uint4 -> int32
+    xsum[m]    = sum_k qx[m, k]                                int32 (``token_sum``, an input)
     y[m, n]    = psum * sx[m] * s1[n] - z[n] * sx[m] * xsum[m]
 the zero point leaves the main loop and costs one multiply-add per output (QServe's epilogue).
 
-Per-group g (progressive; level-2 int8 weight W1_hat = qw * s2 - z2, W_hat = s1 * W1_hat):
-    psum[m, n] = sum_k qx[m, k] * (qw[n, k] * s2[n, k / g] - z2[n, k / g])    int8 x int8 -> int32
+Per-group g (progressive; level-2 int8 weight W1_hat = q * s2 - z2, W_hat = s1 * W1_hat):
+    psum[m, n] = sum_k qx[m, k] * (q[n, k] * s2[k / g, n] - z2[k / g, n])    int8 x int8 -> int32
     y[m, n]    = psum * sx[m] * s1[n]
-qw * s2 <= 240 fits a byte and the difference lies in int8 (``quant.reference``), so the inner
-product is an exact int8 dot product: what the tensor-core kernel feeds ``mma.sync`` s8. A K that
-the group size does not divide (SmolLM2: 576 = 4.5 x 128) has a shorter last group, G = ceil(K/g).
+q * s2 <= 240 fits a byte and the difference lies in int8 (``quant.reference``), so the inner
+product is an exact int8 dot product: what the tensor-core kernel feeds ``mma.sync`` s8 after
+computing four bytes q * s2 - z2 with one 32-bit multiply and one bytewise subtraction
+(``bytes_mul_sub``). A K that the group size does not divide (SmolLM2: 576 = 4.5 x 128) has a
+shorter last group, G = ceil(K/g).
 
-``w4a8_matmul`` is the TE compute the model emits (token axes of any rank, fp32 output, scheduled
-by the target's rules); ``w4a8_gemm`` wraps it as a PrimFunc that also returns ``psum`` so tests
-check the integer math exactly against ``reference``.
+``w4a8_matmul`` is the TE compute the model emits (token axes of any rank, output dtype of the
+caller's choice, scheduled by the target's rules); ``w4a8_gemm`` wraps it as a PrimFunc that also
+returns ``psum`` so tests check the integer math exactly against ``reference``.
 """
 
 from __future__ import annotations
@@ -27,90 +31,110 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from qoq_compiler.layout import nibble_shift, unpack_uint4, word_index
+from qoq_compiler.layout import mma_channel_position, mma_index, unpack_uint4_mma
+
+def bytes_mul_sub(q4, s, z, u32=np.uint32):
+    """Four bytes (q_i * s - z) mod 256 from u8x4 codes ``q4`` (each <= 15), a scale s <= 16 and a
+    zero byte z: one 32-bit multiply (no byte carries: q * s <= 240), then a bytewise subtraction
+    of z replicated to four bytes, as SWAR. ``u32`` makes the constants: ``np.uint32`` for NumPy
+    arrays, ``u32_const`` for TIR expressions (the tensor-core kernel runs the same code)."""
+    high, low7, ones = u32(0x80808080), u32(0x7F7F7F7F), u32(0x01010101)
+    a, b = q4 * s, z * ones
+    return ((a | high) - (b & low7)) ^ ((a ^ ~b) & high)
+
+
+def u32_const(v) -> tirx.PrimExpr:
+    """uint32 TIR value of an int or an integer expression."""
+    return tirx.const(v, "uint32") if isinstance(v, int) else v.astype("uint32")
 
 
 def _code(qw, n, k):
-    """uint4 code of weight (n, k) from the packed words, as int32."""
-    word = qw[n, word_index(k)]
-    return ((word >> nibble_shift(k).astype("uint32")) & tirx.const(0xF, "uint32")).astype("int32")
+    """UINT4 code of weight (n, k) from the MMA layout, as int32."""
+    nt, kt, lane, word, shift = mma_index(n, k)
+    return ((qw[nt, kt, lane, word] >> shift.astype("uint32")) & tirx.const(0xF, "uint32")).astype("int32")
 
 
-def _psum(qx: te.Tensor, qw: te.Tensor, zeros, group: int | None) -> te.Tensor:
+def _psum(qx: te.Tensor, qw: te.Tensor, extra, n: int, group: int | None) -> te.Tensor:
     *lead, k = qx.shape
-    n = qw.shape[0]
     r = te.reduce_axis((0, k), name="k")
     if group is None:
         def weight(j, kk):
             return _code(qw, j, kk)
     else:
-        s2, z2 = zeros
+        s2, z2 = extra
 
         def weight(j, kk):
-            return _code(qw, j, kk) * s2[j, kk // group].astype("int32") - z2[j, kk // group].astype("int32")
+            g, pos = kk // group, mma_channel_position(j)
+            return _code(qw, j, kk) * s2[g, pos].astype("int32") - z2[g, pos].astype("int32")
     return te.compute((*lead, n), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32") * weight(i[-1], r), axis=r),
                       name="psum")
 
 
-def _epilogue(psum, qx, sx, s1, zeros, group, out_dtype):
-    *lead, k = qx.shape
-
+def _epilogue(psum, sx, s1, extra, group, out_dtype):
     def scaled(*i):
         return psum[i].astype("float32") * sx[(*i[:-1], 0)].astype("float32") * s1[i[-1]].astype("float32")
 
     if group is not None:
         return te.compute(psum.shape, lambda *i: scaled(*i).astype(out_dtype), name="y")
-    (z,) = zeros
-    r = te.reduce_axis((0, k), name="k2")
-    xsum = te.compute((*lead, 1), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32"), axis=r), name="xsum")
+    z, xsum = extra
     return te.compute(psum.shape, lambda *i: (
         scaled(*i) - z[i[-1]].astype("float32") * sx[(*i[:-1], 0)].astype("float32")
         * xsum[(*i[:-1], 0)].astype("float32")).astype(out_dtype), name="y")
 
 
-def w4a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, s1: te.Tensor, *zeros: te.Tensor,
+def token_sum(qx: te.Tensor) -> te.Tensor:
+    """xsum [..., 1] int32 = sum_k qx[..., k]: the per-channel epilogue's zero-point term."""
+    *lead, k = qx.shape
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((*lead, 1), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32"), axis=r), name="xsum")
+
+
+def w4a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, s1: te.Tensor, *extra: te.Tensor,
                 group: int | None = None, out_dtype: str = "float32") -> te.Tensor:
-    """qx [..., K] int8, sx [..., 1] fp16, qw [N, ceil(K/8)] uint32, s1 [N] fp16, zeros = (z [N] fp16,) per
-    channel or (s2 [N, G] int8, z2 [N, G] int8) per group -> y [..., N] in ``out_dtype``."""
-    return _epilogue(_psum(qx, qw, zeros, group), qx, sx, s1, zeros, group, out_dtype)
+    """qx [..., K] int8, sx [..., 1] fp16, qw [N/32, K/32, 32, 4] uint32, s1 [N] fp16, ``extra`` =
+    (z [N] fp16, xsum [..., 1] int32) per channel or (s2, z2 int8 [G, N/32 * 32]) per group g
+    -> y [..., N] in ``out_dtype``."""
+    return _epilogue(_psum(qx, qw, extra, s1.shape[0], group), sx, s1, extra, group, out_dtype)
+
+
+def _placeholders(m, k: int, n: int, group: int | None):
+    n32, k32 = -(-n // 32), -(-k // 32)
+    qx = te.placeholder((m, k), "int8", name="qx")
+    sx = te.placeholder((m, 1), "float16", name="sx")
+    qw = te.placeholder((n32, k32, 32, 4), "uint32", name="qw")
+    s1 = te.placeholder((n,), "float16", name="s1")
+    if group is None:
+        extra = (te.placeholder((n,), "float16", name="z"), te.placeholder((m, 1), "int32", name="xsum"))
+    else:
+        g = -(-k // group)
+        extra = (te.placeholder((g, n32 * 32), "int8", name="s2"), te.placeholder((g, n32 * 32), "int8", name="z2"))
+    return qx, sx, qw, s1, extra
 
 
 def w4a8_gemm(k: int, n: int, group: int | None) -> tirx.PrimFunc:
-    """PrimFunc (qx, sx, qw, s1, [z | s2, z2], psum, y fp16) for a symbolic token count M."""
-    m = tirx.Var("m", "int64")
-    qx = te.placeholder((m, k), "int8", name="qx")
-    sx = te.placeholder((m, 1), "float16", name="sx")
-    qw = te.placeholder((n, -(-k // 8)), "uint32", name="qw")
-    s1 = te.placeholder((n,), "float16", name="s1")
-    if group is None:
-        zeros = (te.placeholder((n,), "float16", name="z"),)
-    else:
-        g = -(-k // group)
-        zeros = (te.placeholder((n, g), "int8", name="s2"), te.placeholder((n, g), "int8", name="z2"))
-    psum = _psum(qx, qw, zeros, group)
-    y = _epilogue(psum, qx, sx, s1, zeros, group, "float16")
-    return te.create_prim_func([qx, sx, qw, s1, *zeros, psum, y])
+    """Portable PrimFunc (qx, sx, qw, s1, *extra, psum, y fp16) for a symbolic token count M."""
+    qx, sx, qw, s1, extra = _placeholders(tirx.Var("m", "int64"), k, n, group)
+    psum = _psum(qx, qw, extra, n, group)
+    y = _epilogue(psum, sx, s1, extra, group, "float16")
+    return te.create_prim_func([qx, sx, qw, s1, *extra, psum, y])
 
 
-def reference(qx, sx, qw, s1, *zeros, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy (psum int32 [M, N], y fp16 [M, N]) of the same integer math and fp32 epilogue.
-
-    Arguments in the PrimFunc's order (``sx`` [M, 1]); ``zeros`` is (z,) per channel or (s2, z2)
-    with ``group`` per group.
-    """
-    k = qx.shape[1]
-    codes = unpack_uint4(qw).astype(np.int64)[:, :k]
+def reference(qx, sx, qw, s1, *extra, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy (psum int32 [M, N], y fp16 [M, N]) of the same integer math and fp32 epilogue,
+    arguments in the PrimFunc's order and layouts."""
+    k, n = qx.shape[1], s1.shape[0]
+    codes = unpack_uint4_mma(qw, n, k).astype(np.int64)
     x = qx.astype(np.int64)
     sxf, s1f = sx.astype(np.float32).reshape(-1, 1), s1.astype(np.float32)[None, :]
     if group is None:
-        (z,) = zeros
+        z, xsum = extra
         psum = x @ codes.T
-        xsum = x.sum(axis=1, keepdims=True).astype(np.float32)
-        y = psum.astype(np.float32) * sxf * s1f - z.astype(np.float32)[None, :] * sxf * xsum
+        y = psum.astype(np.float32) * sxf * s1f \
+            - z.astype(np.float32)[None, :] * sxf * xsum.astype(np.float32).reshape(-1, 1)
     else:
-        s2, z2 = zeros
-        w1 = codes * np.repeat(s2.astype(np.int64), group, axis=1)[:, :k] \
-            - np.repeat(z2.astype(np.int64), group, axis=1)[:, :k]
-        psum = x @ w1.T
+        pos = mma_channel_position(np.arange(n))
+        s2, z2 = (np.repeat(a[:, pos].T.astype(np.int64), group, axis=1)[:, :k] for a in extra)
+        psum = x @ (codes * s2 - z2).T
         y = psum.astype(np.float32) * sxf * s1f
     return psum.astype(np.int32), y.astype(np.float16)
+

@@ -67,10 +67,11 @@ def convert(ckpt: Checkpoint, params: list[tuple[str, tuple[int, ...], str]],
             raise QoqcError(f"checkpoint {ckpt.path} lacks tensor {missing[0]} (needed for {name})")
         parts = [ckpt.read(s).to(torch.float32 if quantized else getattr(torch, dtype)) for s in sources]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if (t.shape[0] != shape[0]) if quantized else (tuple(t.shape) != tuple(shape)):
-            raise QoqcError(
-                f"tensor {'+'.join(sources)} has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
-            )
+        # a quantized weight's declared shape is its kernel layout's: check its output channels (its scales')
+        implied = (declared[f"{name.removesuffix('.weight')}.weight_scale"][0] + tuple(t.shape[1:])) if quantized \
+            else tuple(shape)
+        if tuple(t.shape) != implied:
+            raise QoqcError(f"tensor {'+'.join(sources)} has shape {tuple(t.shape)}, the config implies {implied}")
         if not torch.isfinite(t).all():
             raise QoqcError(f"tensor {'+'.join(sources)} holds NaN or Inf after conversion to {dtype}")
         if quantized:

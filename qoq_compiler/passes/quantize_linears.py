@@ -19,6 +19,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import QuantScheme
 from ..frontend.llama import Linear
+from .weight_layout import mma_shapes
 
 
 class W8A8Linear(nn.Module):
@@ -45,31 +46,47 @@ class W8A8Linear(nn.Module):
 class W4A8Linear(nn.Module):
     """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (``schedules.w4a8_gemm``).
 
-    Parameters: ``weight`` uint32 [out, ceil(in/8)] (eight 4-bit codes per word along in), ``weight_scale``
-    fp16 [out] (s1); per group g: ``weight_group_scale`` / ``weight_group_zero`` int8 [out, ceil(in/g)]
-    (s2, z2); per channel: ``weight_zero`` fp16 [out] (z); ``bias`` fp32 [out].
+    Parameters, in the GEMM's layout (``passes.weight_layout``): ``weight`` uint32 [out/32, in/32,
+    32, 4] (MMA layout), ``weight_scale`` fp16 [out] (s1); per group g: ``weight_group_scale`` /
+    ``weight_group_zero`` int8 [ceil(in/g), out/32 * 32] (s2, z2, MMA channel order); per channel:
+    ``weight_zero`` fp16 [out] (z), the activations' row sums coming from ``token_sum``;
+    ``bias`` fp32 [out].
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, kernels):
-        self.weight = nn.Parameter((out_features, -(-in_features // 8)), "uint32")
+        shapes = mma_shapes(out_features, in_features, group)
+        self.weight = nn.Parameter(shapes["weight"], "uint32")
         self.weight_scale = nn.Parameter((out_features,), "float16")
         if group is None:
             self.weight_zero = nn.Parameter((out_features,), "float16")
         else:
-            groups = -(-in_features // group)
-            self.weight_group_scale = nn.Parameter((out_features, groups), "int8")
-            self.weight_group_zero = nn.Parameter((out_features, groups), "int8")
+            self.weight_group_scale = nn.Parameter(shapes["weight_group_scale"], "int8")
+            self.weight_group_zero = nn.Parameter(shapes["weight_group_zero"], "int8")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
         self.dtype, self.group, self.kernels = dtype, group, kernels
 
     def forward(self, x: Tensor) -> Tensor:
         qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
-        zeros = [self.weight_zero] if self.group is None else [self.weight_group_scale, self.weight_group_zero]
-        y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
-                              [qx, sx, self.weight, self.weight_scale, *zeros])
+        if self.group is None:
+            extra = [self.weight_zero, op.tensor_expr_op(self.kernels.token_sum, "token_sum", [qx])]
+        else:
+            extra = [self.weight_group_scale, self.weight_group_zero]
+        n, k = self.weight_scale.shape[0], x.shape[-1]
+        tensor_core = self.kernels.w4a8_tensor_core and self.kernels.w4a8_tensor_core(n, k, self.group)
+        if tensor_core is None:
+            y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
+                                  [qx, sx, self.weight, self.weight_scale, *extra])
+        else:  # [tokens, K] -> [tokens, N] fp16 on the tensor cores
+            lead = list(x.shape[:-1])
+            qx, sx = op.reshape(qx, (-1, k)), op.reshape(sx, (-1, 1))
+            if self.group is None:
+                extra = [extra[0], op.reshape(extra[1], (-1, 1))]
+            y = op.tensor_ir_op(tensor_core, "w4a8_gemm", [qx, sx, self.weight, self.weight_scale, *extra],
+                                out=Tensor.placeholder((qx.shape[0], n), "float16"))
+            y = op.reshape(y, (*lead, n))
         if self.bias is not None:
-            y = y + self.bias
-        return y if self.dtype == "float32" else op.astype(y, self.dtype)
+            y = y + op.astype(self.bias, y.dtype)
+        return y if y.dtype == self.dtype else op.astype(y, self.dtype)
 
 
 class QuantizeLinears(nn.Mutator):

@@ -7,13 +7,12 @@
     int4, per channel    ChannelWeight:  UINT4 with fp16 scale and zero per output channel;
                          clipping ratios searched first when ``clip``, then GPTQ when H is given
 
-``packed_params(name, qw)`` -> the module's parameters (``frontend.llama``), UINT4 codes packed
-eight per uint32 along K (``layout``; a K that 8 does not divide is padded with zero codes, which
-the GEMM never reads: it reduces over the true K):
+``weight_params(name, qw)`` -> the linear's parameters in the quantizers' layout (the compiler
+then reorders W4A8 ones for the GEMM: ``passes.weight_layout``):
     Int8Weight         name int8 [N, K],  *.weight_scale fp16 [N]
-    ProgressiveWeight  name uint32 [N, K/8],  *.weight_scale fp16 [N] (s1),
+    ProgressiveWeight  name uint8 codes [N, K],  *.weight_scale fp16 [N] (s1),
                        *.weight_group_scale int8 [N, G] (s2),  *.weight_group_zero int8 [N, G] (z2)
-    ChannelWeight      name uint32 [N, K/8],  *.weight_scale fp16 [N] (s),  *.weight_zero fp16 [N] (z)
+    ChannelWeight      name uint8 codes [N, K],  *.weight_scale fp16 [N] (s),  *.weight_zero fp16 [N] (z)
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import torch
 
 from ..config import QuantScheme
 from ..errors import QoqcError
-from ..layout import NIBBLES_PER_WORD, pack_uint4
 from .clipping import search_channel_ratios
 from .gptq import gptq_per_channel, gptq_progressive
 from .reference import ChannelWeight, Int8Weight, ProgressiveWeight, per_channel_quantize, progressive_quantize, \
@@ -54,25 +52,24 @@ def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None
     return per_channel_quantize(w.double().numpy(), ratio)
 
 
-def packed_params(name: str, qw: QuantizedWeight) -> dict[str, np.ndarray]:
+def weight_params(name: str, qw: QuantizedWeight) -> dict[str, np.ndarray]:
     base = name.removesuffix(".weight")
     if isinstance(qw, Int8Weight):
         return {name: qw.q, f"{base}.weight_scale": qw.s}
-    n, k = qw.q.shape
-    codes = np.zeros((n, -(-k // NIBBLES_PER_WORD) * NIBBLES_PER_WORD), np.uint8)  # the last word zero-padded
-    codes[:, :k] = qw.q
     if isinstance(qw, ProgressiveWeight):
-        return {name: pack_uint4(codes), f"{base}.weight_scale": qw.s1, f"{base}.weight_group_scale": qw.s2,
+        return {name: qw.q, f"{base}.weight_scale": qw.s1, f"{base}.weight_group_scale": qw.s2,
                 f"{base}.weight_group_zero": qw.z2}
-    return {name: pack_uint4(codes), f"{base}.weight_scale": qw.s, f"{base}.weight_zero": qw.z}
+    return {name: qw.q, f"{base}.weight_scale": qw.s, f"{base}.weight_zero": qw.z}
 
 
-def quantizer(scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None = None
+def quantizer(scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None = None,
+              layout: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
               ) -> Callable[[str, torch.Tensor], dict[str, np.ndarray]] | None:
     """``(name, fused float W) -> parameters`` for the loader, or None when weights stay float.
 
     ``weights`` holds already quantized weights by parameter name (the QoQ passes' output); without
-    it every weight is quantized by round-to-nearest.
+    it every weight is quantized by round-to-nearest. ``layout`` maps each linear's parameters into
+    the layout its kernel reads (the compiler's ``passes.weight_layout``).
     """
     if scheme.weights == "float":
         return None
@@ -81,7 +78,9 @@ def quantizer(scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None = 
         if weights is not None:
             if name not in weights:
                 raise QoqcError(f"the QoQ passes produced no quantized weight for {name}")
-            return packed_params(name, weights[name])
-        return packed_params(name, quantize_weight(scheme, w))
+            params = weight_params(name, weights[name])
+        else:
+            params = weight_params(name, quantize_weight(scheme, w))
+        return layout(params) if layout is not None else params
 
     return quantize
