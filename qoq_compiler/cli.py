@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
     c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--kv-page-size", type=int, default=None,
+                   help="tokens per page of the 4-bit KV cache (*-w4a8kv4 schemes; default 16)")
     _pass_options(c)
 
     ch = sub.add_parser("chat", help="chat with a compiled artifact")
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=0.95)
     ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--kv-memory", default=None,
+                    help="KV-cache size: bytes (4GiB, 512MB) or a fraction of free device memory (0.5); "
+                         "default: the model's context window, at most 8192 tokens")
     ev = sub.add_parser("eval", help="perplexity of an artifact (or a model, compiled first) on a text")
     ev.add_argument("model", help="artifact directory, or a model directory / .gguf to compile first")
     ev.add_argument("--text", required=True, help="UTF-8 text file to score")
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             from .compiler import compile as compile_model
 
             out = compile_model(args.model, target=args.target, quant=_scheme(args), output=args.output,
-                                arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet)
+                                arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet,
+                                kv_page_size=args.kv_page_size)
             print(out)
         elif args.command == "eval":
             _evaluate(args)

@@ -34,6 +34,7 @@ from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
 from .quant.qoq import quantize_model
 from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
+from .runtime.kv_cache import bytes_per_token
 from .tvm_env import tvm
 
 import tvm_ffi  # noqa: E402  (after tvm_env's version check)
@@ -89,15 +90,24 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
 
 def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = "fp16",
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, kv_page_size: int | None = None) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
     an artifact directory and return its path. ``quant`` names a scheme of ``QUANT_SCHEMES`` or is a
-    ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly)."""
+    ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly).
+    ``kv_page_size``: tokens per page of qoqc's 4-bit KV cache (default 16; the float schemes use
+    TVM's cache, whose kernels need 16)."""
     if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
     scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
     quant = scheme.name
     tgt = make_target(target, arch)
+    if kv_page_size is not None and scheme.kv != "int4":
+        raise QoqcError(f"--kv-page-size: scheme {scheme.name} keeps TVM's float KV cache, whose pages hold 16 "
+                        "tokens; the page size is an option of the 4-bit cache (the *-w4a8kv4 schemes)")
+    if kv_page_size is not None and not 1 <= kv_page_size <= 1024:
+        raise QoqcError(f"--kv-page-size {kv_page_size}: choose 1 to 1024 tokens")
+    page_size = kv_page_size or KV4_PAGE_SIZE
+    cache = {"kind": "kv4-paged", "page_size": page_size} if scheme.kv == "int4" else {"kind": "tvm-paged"}
     model_path = Path(model) if model is not None else default_model_path()
     out = Path(output) if output is not None else _default_output(model_path, quant, target)
 
@@ -110,6 +120,11 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             f"context {cfg.context_window}")
         if ckpt.tokenizer is None:
             say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
+        fp16_bytes = bytes_per_token(cfg, "tvm-paged", "float16")
+        kv_bytes = bytes_per_token(cfg, cache["kind"], scheme.dtype)
+        say(f"qoqc: KV cache {kv_bytes:,} bytes/token" + (
+            f" in 4 bits, {page_size}-token pages (fp16: {fp16_bytes:,}, {kv_bytes / fp16_bytes:.0%} of it)"
+            if cache["kind"] == "kv4-paged" else f" in {scheme.dtype}"))
 
         t0 = time.perf_counter()
         weights = None
@@ -121,7 +136,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             cfg = ckpt.config  # rotation unties lm_head
         kernels = schedules.kernels_for(tgt)
         if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, KV4_PAGE_SIZE)
+            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size)
         else:
             model = LlamaForCausalLM(cfg, scheme.dtype, tgt)
         model = QuantizeLinears(scheme, kernels).visit("", model)
@@ -167,8 +182,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             "source": str(model_path.absolute()),
             "model": cfg.to_dict(),
             "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
-            "kv_cache": {"kind": "kv4-paged", "page_size": KV4_PAGE_SIZE} if scheme.kv == "int4"
-            else {"kind": "tvm-paged"},
+            "kv_cache": cache,
             "library": LIBRARY,
             "params": {"files": shards, "names": [n for n, _, _ in params]},
             "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,

@@ -38,11 +38,17 @@ def quantize_and_store(k, v, cache, slots, layer):
     return tc.numpy(), tp.numpy()
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(6, 2, 64), (4, 4, 32), (8, 1, 16)])
-def test_kv4_cache_and_attention(hq, hkv, d):
-    rng = np.random.default_rng(hq * d)
-    layers, layer, page, pages = 3, 1, 4, 24
-    lengths = [1, 7, 13, 9]  # several pages, partial last pages
+@pytest.mark.parametrize("hq,hkv,d,page,lengths", [
+    (4, 4, 64, 4, [1, 7, 13, 9]),       # GQA ratio 1; several pages, partial last pages
+    (6, 2, 64, 4, [1, 7, 13, 9]),       # ratio 3 (SmolLM2)
+    (8, 2, 128, 16, [5, 33, 16]),       # ratio 4, head_dim 128; a sequence ending on a page boundary
+    (8, 1, 128, 16, [1, 2049, 300]),    # ratio 8; lengths 1 to 2049 in one batch
+    (8, 1, 16, 4, [3, 4, 1]),           # tiny head_dim
+])
+def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
+    rng = np.random.default_rng(hq * d + sum(lengths))
+    layers, layer = 3, 1
+    pages = sum(-(-n // page) for n in lengths) + 3  # spare pages stay unread
     # pages handed out in a shuffled order: the kernels must follow the page table
     free = list(rng.permutation(pages))
     table = np.zeros((len(lengths), max(-(-n // page) for n in lengths)), "int32")

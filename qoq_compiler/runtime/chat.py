@@ -74,12 +74,14 @@ def _answer(conv: Conversation, user: str, args) -> None:
 def run_chat(args) -> None:
     device = args.device or ("cuda" if read_manifest(args.artifact, verify=False)["target"]["kind"] == "cuda"
                              else "cpu")
-    engine = Engine(args.artifact, device=device)
+    engine = Engine(args.artifact, device=device, kv_memory=args.kv_memory)
     conv = Conversation(engine, args.system)
     if args.prompt is not None:
         _answer(conv, args.prompt, args)
         return
-    print(f"qoqc chat: {engine.path} on {device}. /reset clears the conversation, /exit quits.")
+    print(f"qoqc chat: {engine.path} on {device}, KV cache of {engine.cache_tokens} tokens "
+          f"({engine.cache_tokens * engine.kv_bytes_per_token / 2 ** 20:.1f} MiB). "
+          "/reset clears the conversation, /exit quits.")
     while True:
         try:
             user = input(">>> ")

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
 from .artifact import read_manifest
-from .kv_cache import KV4PagedCache, TVMPagedCache
+from .kv_cache import KV4PagedCache, TVMPagedCache, bytes_per_token, capacity_tokens, parse_memory
 
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
@@ -80,12 +80,15 @@ class TextStream:
 class Engine:
     """A compiled model loaded on one device.
 
-    ``max_total_tokens`` bounds the tokens held in the KV cache over all live sequences (default:
-    the model's context window, at most 8192); ``max_batch_size`` the sequences decoded together.
+    The KV cache holds ``kv_memory`` (bytes, "4GiB", or a fraction of the device's free memory,
+    ``kv_cache.parse_memory``) or else ``max_total_tokens`` tokens over all live sequences (default:
+    the model's context window, at most 8192); a sequence holds at most the model's context window
+    or the whole cache, whichever is less. ``max_batch_size`` bounds the sequences decoded together.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", max_total_tokens: int | None = None,
-                 max_batch_size: int = 8, prefill_chunk_size: int = 2048, verify: bool = True):
+                 max_batch_size: int = 8, prefill_chunk_size: int = 2048, verify: bool = True,
+                 kv_memory: int | float | str | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=verify)
         self.config = ModelConfig.from_dict(self.manifest["model"])
@@ -97,22 +100,28 @@ class Engine:
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         if not self.device.exist:
             raise QoqcError(f"no {device} device on this machine")
+        cache = self.manifest.get("kv_cache", {"kind": "tvm-paged"})
+        if cache["kind"] not in ("kv4-paged", "tvm-paged"):
+            raise QoqcError(f"artifact {self.path} needs a KV cache of kind {cache['kind']!r}, "
+                            "which this qoqc does not know (a newer qoqc wrote it?)")
+        self.page_size = cache.get("page_size", PAGE_SIZE)
+        self.kv_bytes_per_token = bytes_per_token(self.config, cache["kind"], self.manifest.get("dtype", "float16"))
+        if kv_memory is not None:
+            self.cache_tokens = capacity_tokens(parse_memory(kv_memory), self.kv_bytes_per_token, self.page_size,
+                                                self.device)
+        else:
+            self.cache_tokens = max_total_tokens or min(self.config.context_window, 8192)
 
         self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self.manifest["library"])), self.device)
         self.params = self._load_params()
-        self.context_window = min(self.config.context_window, max_total_tokens or 8192)
+        self.context_window = min(self.config.context_window, self.cache_tokens)
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = min(prefill_chunk_size, self.context_window)
-        cache = self.manifest.get("kv_cache", {"kind": "tvm-paged"})
-        self.page_size = cache.get("page_size", PAGE_SIZE)
         if cache["kind"] == "kv4-paged":
-            self.kv = KV4PagedCache(self.config, self.device, self.context_window, self.page_size)
-        elif cache["kind"] == "tvm-paged":
-            self.kv = TVMPagedCache(self.vm, self.device, max_batch_size, self.context_window,
-                                    self.prefill_chunk_size, PAGE_SIZE)
+            self.kv = KV4PagedCache(self.config, self.device, self.cache_tokens, self.page_size)
         else:
-            raise QoqcError(f"artifact {self.path} needs a KV cache of kind {cache['kind']!r}, "
-                            "which this qoqc does not know (a newer qoqc wrote it?)")
+            self.kv = TVMPagedCache(self.vm, self.device, max_batch_size, self.cache_tokens,
+                                    self.prefill_chunk_size, PAGE_SIZE)
         self._f = {name: self.vm[name] for name in ("prefill", "decode")}
         self._next_seq = 0
         self._lengths: dict[int, int] = {}  # tokens held per live sequence
@@ -202,9 +211,9 @@ class Engine:
                 raise QoqcError(f"sequence {s} would hold {after[s]} tokens, over the context window of "
                                 f"{self.context_window}")
         pages = sum(-(-n // self.page_size) for n in after.values())
-        if pages > -(-self.context_window // self.page_size):
+        if pages > -(-self.cache_tokens // self.page_size):
             raise QoqcError(f"the KV cache is full: {sum(after.values())} tokens in {len(after)} sequences need "
-                            f"{pages} pages of {self.page_size}, the cache holds {self.context_window} tokens")
+                            f"{pages} pages of {self.page_size}, the cache holds {self.cache_tokens} tokens")
         self._lengths = after
 
     def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
@@ -282,9 +291,9 @@ class Engine:
         reqs = [self._request(p, max_new_tokens, temperature, top_p, stop,
                               None if seed is None else seed + i) for i, p in enumerate(prompts)]
         pages = sum(-(-(len(r.prompt) + r.max_new_tokens) // self.page_size) for r in reqs)
-        if pages > -(-self.context_window // self.page_size):
+        if pages > -(-self.cache_tokens // self.page_size):
             raise QoqcError(f"batch needs up to {pages} KV-cache pages of {self.page_size} tokens; the cache holds "
-                            f"{self.context_window} tokens")
+                            f"{self.cache_tokens} tokens")
         it = self._run(reqs, streaming=False)
         try:
             while True:

@@ -15,16 +15,70 @@ sequence) and builds each step's addressing arrays:
     positions [T]  absolute position of each new token       token_seq [T]  its row of page_table
     slots [T]      page * page_size + offset where it goes   page_table [B, MP]  pages of each sequence
 At 4 bits plus a 4-byte (scale, minimum) per (token, head) it takes (D/2 + 4) / (2 D) of an fp16
-cache: 28% at D = 64, 27% at D = 128.
+cache: 28% at D = 64, 27% at D = 128 (``bytes_per_token``).
+
+Capacity: a token count, or a memory budget (``parse_memory``: bytes, "4GiB", or a fraction of the
+device's free memory) divided by the bytes per token, in whole pages (``capacity_tokens``).
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 
+from ..errors import QoqcError
 from ..tvm_env import tvm
 
 import tvm_ffi  # noqa: E402  (after tvm_env's version check)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def bytes_per_token(config, kind: str, dtype: str = "float16") -> int:
+    """KV-cache bytes one token takes over all layers: K and V of every kv head."""
+    per_head = config.head_dim // 2 + 4 if kind == "kv4-paged" else config.head_dim * np.dtype(dtype).itemsize
+    return config.num_layers * 2 * config.num_kv_heads * per_head
+
+
+def parse_memory(spec) -> int | float:
+    """``--kv-memory``: an int of bytes, "4GiB" / "512MB" / "123456", or a fraction in (0, 1] of the
+    device's free memory ("0.5")."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        value = spec
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(spec))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise QoqcError(f"invalid KV memory {spec!r}: give bytes (e.g. 4GiB, 512MB) or a fraction of free "
+                            "memory (e.g. 0.5)")
+        number = float(m.group(1))
+        value = number if (unit == "" and "." in m.group(1)) else int(number * _UNITS[unit])
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise QoqcError(f"invalid KV memory fraction {value} (a fraction of free memory lies in (0, 1])")
+    if isinstance(value, int) and value <= 0:
+        raise QoqcError(f"invalid KV memory {value} bytes")
+    return value
+
+
+def free_memory(device) -> int:
+    """Free bytes on ``device`` (GPU: the driver's count; CPU: available physical memory)."""
+    if device.type == "cuda":
+        return int(device.available_global_memory)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def capacity_tokens(budget: int | float, per_token: int, page_size: int, device) -> int:
+    """Tokens a KV cache of ``budget`` bytes (or fraction of free memory) holds, in whole pages."""
+    nbytes = int(budget * free_memory(device)) if isinstance(budget, float) else budget
+    tokens = nbytes // per_token // page_size * page_size
+    if tokens == 0:
+        raise QoqcError(f"a KV cache of {nbytes} bytes holds no page: one page of {page_size} tokens needs "
+                        f"{per_token * page_size} bytes")
+    return tokens
 
 
 class TVMPagedCache:

@@ -1,0 +1,181 @@
+"""KV4 decode attention: qoqc's paged 4-bit kernel vs torch SDPA on an fp16 cache, and bandwidth.
+
+    python bench/attention.py [--arch sm_90] [--batch 1,16,64,256] [--context 512,2048,8192,32768]
+                              [--repeats 20] [--out FILE]                          (GPU machine)
+    python bench/attention.py --cpu-check                                          (any machine)
+
+GPU mode: 32 query heads / 8 KV heads, head_dim 128, one new token per sequence (decode), every
+sequence ``context`` tokens long in 16-token pages handed out in shuffled order. Random codes and
+(scale, min) (never zeros), correctness of the output against a torch float64 evaluation of the
+dequantized cache, then median times of ours and of ``scaled_dot_product_attention`` over fp16 K/V
+of the same shape, and our achieved bandwidth (K/V codes + scales read / time) next to a
+device-to-device copy measured in the same run. Combinations whose fp16 K/V would not fit in
+``--max-gib`` are skipped.
+
+``--cpu-check`` needs no GPU: the kernel tests on CPU (tests/test_kv4_attention.py: head_dim 64 and
+128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64) and nvcc
+compiles of the CUDA variants of the scatter and attention kernels. Non-zero exit on any
+failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qoq_compiler.tvm_env import tvm  # noqa: E402
+import schedules  # noqa: E402
+from schedules import kv4_attention as ka  # noqa: E402
+from schedules import nvcc  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+
+
+def _cuda_kernels(arch: str, layers: int = 1):
+    """The KV4 scatter and attention kernels for CUDA as one module (``scatter``, ``attention``); the
+    quantize kernel is fused with RoPE in the model and compiled by tests/test_cuda_build.py."""
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    funcs = {"scatter": ka.kv4_scatter(layers, HKV, D),
+             "attention": ka.kv4_attention(layers, HQ, HKV, D, PAGE, D ** -0.5, "float16", gpu=True)}
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with target:
+        mod = schedules.schedule(target)(mod)  # the model pipeline's rules
+    return tvm.compile(mod, target=target)
+
+
+def cpu_check() -> int:
+    failures = []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_kv4_attention.py")],
+                          cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
+    if proc.returncode != 0:
+        failures.append("CPU kernel tests")
+        print(proc.stdout[-3000:])
+    if nvcc.nvcc_path() is None:
+        failures.append("nvcc on PATH")
+    else:
+        for arch in ("sm_80", "sm_90"):
+            try:
+                report = nvcc.ptxas_report(nvcc.cuda_source(_cuda_kernels(arch)), arch)
+                print(f"ok    {arch}: {len(report)} kernels compile with nvcc "
+                      f"({', '.join(f'{r.name} {r.registers} regs' for r in report)})")
+            except Exception as e:  # noqa: BLE001  (any failure to build is a failed check)
+                failures.append(f"{arch}: {e}")
+                print(f"FAIL  {arch}: {e}")
+    print(f"{len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
+def gpu_bench(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        print("bench/attention.py: no CUDA GPU (use --cpu-check on a machine without one)", file=sys.stderr)
+        return 2
+    dev = tvm.cuda(0)
+    attention = _cuda_kernels(args.arch)["attention"]
+    rng = np.random.default_rng(0)
+
+    def median_us(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(args.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+        return statistics.median(times)
+
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / median_us(lambda: dst.copy_(src)) / 1e3  # read + write, GB/s
+    rows, failures = [], []
+    for b in [int(v) for v in args.batch.split(",")]:
+        for ctx in [int(v) for v in args.context.split(",")]:
+            if b * ctx * HKV * D * 2 * 2 > args.max_gib * 2 ** 30:
+                print(f"skip batch {b} x context {ctx}: fp16 K/V over {args.max_gib} GiB")
+                continue
+            pages_per_seq = -(-ctx // PAGE)
+            slots = b * pages_per_seq * PAGE
+            table = rng.permutation(b * pages_per_seq).reshape(b, pages_per_seq).astype("int32")
+            data = rng.integers(0, 256, size=(1, 2, slots, HKV, D // 2), dtype=np.uint8)
+            param = np.stack([rng.uniform(0.01, 0.1, size=(1, 2, slots, HKV)),
+                              rng.uniform(-0.8, -0.1, size=(1, 2, slots, HKV))], axis=-1).astype(np.float16)
+            q = rng.standard_normal((b, HQ, D)).astype(np.float16)
+            pos = np.full(b, ctx - 1, "int32")
+            seq = np.arange(b, dtype="int32")
+            args_tvm = [tvm.runtime.tensor(a, device=dev) for a in (q, data, param, pos, seq, table)]
+            out = tvm.runtime.tensor(np.zeros((b, HQ, D), np.float16), device=dev)
+            attention(*args_tvm[:6], 0, out)
+            dev.sync()
+            # float64 reference over the dequantized cache, in sequence order
+            codes = torch.from_numpy(data[0]).cuda()
+            deq = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(2, slots, HKV, D).double()
+            pm = torch.from_numpy(param[0]).cuda().double()
+            deq = deq * pm[..., 0:1] + pm[..., 1:2]
+            order = torch.from_numpy((table[:, :, None] * PAGE + np.arange(PAGE)).reshape(b, -1)[:, :ctx]).cuda()
+            kk, vv = deq[0][order.long()], deq[1][order.long()]             # [b, ctx, Hkv, D]
+            kk, vv = (x.repeat_interleave(HQ // HKV, dim=2).permute(0, 2, 1, 3) for x in (kk, vv))
+            ref = F.scaled_dot_product_attention(torch.from_numpy(q).cuda().double()[:, :, None], kk, vv)[:, :, 0]
+            got = torch.from_numpy(out.numpy()).cuda().double()
+            rel = float((got - ref).norm() / ref.norm())
+            if not rel < 2e-2:
+                failures.append(f"batch {b} context {ctx}: rel err {rel:.2e}")
+            ours = median_us(lambda: attention(*args_tvm[:6], 0, out))
+            k16 = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.float16)
+            v16 = torch.randn_like(k16)
+            q16 = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.float16)
+            sdpa = median_us(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True))
+            nbytes = b * ctx * HKV * 2 * (D // 2 + 4)
+            rows.append((b, ctx, rel, ours, sdpa, nbytes / ours / 1e3))
+            print(f"batch {b:4d} context {ctx:6d} rel {rel:.1e} ours {ours:10.1f} us  SDPA fp16 {sdpa:10.1f} us  "
+                  f"{nbytes / ours / 1e3:7.1f} GB/s", flush=True)
+            k16 = v16 = None  # free the fp16 cache before the next shape
+    lines = [f"Device: {torch.cuda.get_device_name()}; {date.today().isoformat()}; torch {torch.__version__}, "
+             f"TVM {tvm.__version__}, arch {args.arch}, {platform.node()}. Copy bandwidth (same run): "
+             f"{copy_gbs:.0f} GB/s.",
+             "Command: `python bench/attention.py " + " ".join(sys.argv[1:]) + "`", "",
+             "| batch | context | rel err | qoqc KV4 µs | SDPA fp16 µs | speed-up | KV4 GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b, ctx, rel, ours, sdpa, gbs in rows:
+        lines.append(f"| {b} | {ctx} | {rel:.1e} | {ours:.1f} | {sdpa:.1f} | {sdpa / ours:.2f} | {gbs:.0f} | "
+                     f"{100 * gbs / copy_gbs:.0f}% |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    if failures:
+        print("correctness failures:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu-check", action="store_true", help="checks that need no GPU; non-zero exit on failure")
+    p.add_argument("--arch", default="sm_90", help="CUDA arch of the GPU (sm_80, sm_90)")
+    p.add_argument("--batch", default="1,16,64,256")
+    p.add_argument("--context", default="512,2048,8192,32768")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median reported)")
+    p.add_argument("--max-gib", type=float, default=40, help="skip combinations whose fp16 K/V exceed this")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    args = p.parse_args()
+    return cpu_check() if args.cpu_check else gpu_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
