@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import subprocess
 import sys
 from datetime import date
@@ -37,6 +36,7 @@ from qoq_compiler.tvm_env import tvm  # noqa: E402
 import schedules  # noqa: E402
 from schedules import kv4_attention as ka  # noqa: E402
 from schedules import nvcc  # noqa: E402
+from bench.common import Checks, cuda_median_us, emit_table  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 
@@ -54,26 +54,23 @@ def _cuda_kernels(arch: str, layers: int = 1):
 
 
 def cpu_check() -> int:
-    failures = []
+    check = Checks()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_kv4_attention.py")],
                           cwd=ROOT, capture_output=True, text=True)
-    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:])
-    if proc.returncode != 0:
-        failures.append("CPU kernel tests")
-        print(proc.stdout[-3000:])
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
+    check(proc.returncode == 0, f"KV4 kernel tests on CPU: {summary}")
     if nvcc.nvcc_path() is None:
-        failures.append("nvcc on PATH")
-    else:
-        for arch in ("sm_80", "sm_90"):
-            try:
-                report = nvcc.ptxas_report(nvcc.cuda_source(_cuda_kernels(arch)), arch)
-                print(f"ok    {arch}: {len(report)} kernels compile with nvcc "
-                      f"({', '.join(f'{r.name} {r.registers} regs' for r in report)})")
-            except Exception as e:  # noqa: BLE001  (any failure to build is a failed check)
-                failures.append(f"{arch}: {e}")
-                print(f"FAIL  {arch}: {e}")
-    print(f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+        check(False, "nvcc on PATH")
+        return check.exit_status()
+    for arch in ("sm_80", "sm_90"):
+        try:
+            report = nvcc.ptxas_report(nvcc.cuda_source(_cuda_kernels(arch)), arch)
+        except Exception as e:  # noqa: BLE001  (any failure to build is a failed check)
+            check(False, f"{arch}: {e}")
+            continue
+        check(True, f"{arch}: {len(report)} kernels compile with nvcc "
+                    f"({', '.join(f'{r.name} {r.registers} regs, {r.spill_stores} B spilled' for r in report)})")
+    return check.exit_status()
 
 
 def gpu_bench(args) -> int:
@@ -87,22 +84,9 @@ def gpu_bench(args) -> int:
     attention = _cuda_kernels(args.arch)["attention"]
     rng = np.random.default_rng(0)
 
-    def median_us(fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(args.repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        return statistics.median(times)
-
     src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / median_us(lambda: dst.copy_(src)) / 1e3  # read + write, GB/s
+    copy_gbs = 2 * src.numel() / cuda_median_us(lambda: dst.copy_(src), args.repeats) / 1e3  # read + write, GB/s
     rows, failures = [], []
     for b in [int(v) for v in args.batch.split(",")]:
         for ctx in [int(v) for v in args.context.split(",")]:
@@ -135,11 +119,12 @@ def gpu_bench(args) -> int:
             rel = float((got - ref).norm() / ref.norm())
             if not rel < 2e-2:
                 failures.append(f"batch {b} context {ctx}: rel err {rel:.2e}")
-            ours = median_us(lambda: attention(*args_tvm[:6], 0, out))
+            ours = cuda_median_us(lambda: attention(*args_tvm[:6], 0, out), args.repeats)
             k16 = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.float16)
             v16 = torch.randn_like(k16)
             q16 = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.float16)
-            sdpa = median_us(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True))
+            sdpa = cuda_median_us(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True),
+                                  args.repeats)
             nbytes = b * ctx * HKV * 2 * (D // 2 + 4)
             rows.append((b, ctx, rel, ours, sdpa, nbytes / ours / 1e3))
             print(f"batch {b:4d} context {ctx:6d} rel {rel:.1e} ours {ours:10.1f} us  SDPA fp16 {sdpa:10.1f} us  "
@@ -154,10 +139,7 @@ def gpu_bench(args) -> int:
     for b, ctx, rel, ours, sdpa, gbs in rows:
         lines.append(f"| {b} | {ctx} | {rel:.1e} | {ours:.1f} | {sdpa:.1f} | {sdpa / ours:.2f} | {gbs:.0f} | "
                      f"{100 * gbs / copy_gbs:.0f}% |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    emit_table(lines, args.out)
     if failures:
         print("correctness failures:\n" + "\n".join(failures), file=sys.stderr)
         return 1

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 from datetime import date
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from qoq_compiler.layout import mma_channel_position, pack_uint4_mma, to_mma_channel_order  # noqa: E402
 from qoq_compiler.tvm_env import tvm  # noqa: E402
 from schedules import nvcc, w4a8_gemm, w4a8_gemm_tc  # noqa: E402
+from bench.common import Checks, cuda_median_us, emit_table  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 M_VALUES = (1, 16, 32, 64, 128, 256, 512, 1024, 4096, 8192)
@@ -57,13 +57,7 @@ def random_case(m: int, n: int, k: int, group: int | None, rng: np.random.Genera
 
 
 def cpu_check() -> int:
-    failures = []
-
-    def check(ok: bool, what: str):
-        print(("ok    " if ok else "FAIL  ") + what, flush=True)
-        if not ok:
-            failures.append(what)
-
+    check = Checks()
     if nvcc.nvcc_path() is None:
         check(False, "nvcc on PATH")
     else:
@@ -96,8 +90,7 @@ def cpu_check() -> int:
         lib["main"](*[tvm.runtime.tensor(a) for a in args], *outs)
         check((outs[0].numpy() == psum_ref).all(),
               f"portable llvm kernel psum == NumPy: M={m} N={n} K={k} group={group}")
-    print(f"{len(failures)} failure(s)")
-    return 1 if failures else 0
+    return check.exit_status()
 
 
 def gpu_bench(args) -> int:
@@ -111,19 +104,6 @@ def gpu_bench(args) -> int:
     rng = np.random.default_rng(0)
     ms = [int(v) for v in args.m.split(",")]
     gpu = torch.cuda.get_device_name()
-
-    def median_us(fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(args.repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000)
-        return statistics.median(times)
 
     rows, failures = [], []
     for gname, group in GROUPS.items():
@@ -143,13 +123,13 @@ def gpu_bench(args) -> int:
                 rel = float(np.linalg.norm(got - y_ref) / np.linalg.norm(y_ref))
                 if not rel < 2e-3:
                     failures.append(f"{gname} {sname} M={m}: rel err {rel:.2e}")
-                ours = median_us(lambda: func(*tvm_args, y))
+                ours = cuda_median_us(lambda: func(*tvm_args, y), args.repeats)
                 x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                fp16 = median_us(lambda: torch.matmul(x16, w16))
+                fp16 = cuda_median_us(lambda: torch.matmul(x16, w16), args.repeats)
                 int8 = None
                 if m > 16 and m % 8 == 0:
                     x8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
-                    int8 = median_us(lambda: torch._int_mm(x8, w8))
+                    int8 = cuda_median_us(lambda: torch._int_mm(x8, w8), args.repeats)
                 rows.append((gname, sname, m, rel, ours, fp16, int8))
                 print(f"{gname:11s} {sname:7s} M={m:5d} rel {rel:.1e} ours {ours:9.1f} us  cuBLAS fp16 {fp16:9.1f} us"
                       + (f"  int8 {int8:9.1f} us" if int8 else ""), flush=True)
@@ -169,10 +149,7 @@ def gpu_bench(args) -> int:
                 fp16 = sum(r[5] for r in rows if r[0] == gname and r[2] == m)
                 lines.append(f"- {gname}, {label}, M={m}: ours / cuBLAS fp16 summed over the four shapes = "
                              f"{ours / fp16:.2f}")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    emit_table(lines, args.out)
     if failures:
         print("correctness failures:\n" + "\n".join(failures), file=sys.stderr)
         return 1

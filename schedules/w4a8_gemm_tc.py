@@ -243,24 +243,13 @@ def _launch(maps: TileMaps):
                     for ni in T.unroll(ni_n):
                         for j in T.unroll(4):
                             if maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c) < n:
-                                if per_group:
-                                    y[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c),
-                                      maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)] = T.Cast(
-                                        "float16", _epilogue(
-                                            T.reinterpret("int32", acc[maps.acc(mi, ni, j, c)]),
-                                            sx[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c), 0],
-                                            s1[maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)],
-                                            None, None, _f32))
-                                else:
-                                    y[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c),
-                                      maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)] = T.Cast(
-                                        "float16", _epilogue(
-                                            T.reinterpret("int32", acc[maps.acc(mi, ni, j, c)]),
-                                            sx[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c), 0],
-                                            s1[maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)],
-                                            e0[maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)],
-                                            e1[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c), 0],
-                                            _f32))
+                                y[maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c),
+                                  maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c)] = T.Cast(
+                                    "float16", _output(
+                                        T.reinterpret("int32", acc[maps.acc(mi, ni, j, c)]), sx, s1, e0, e1,
+                                        maps.out_row(by, tx // 32 // cfg.warps_n, mi, tx % 32, c),
+                                        maps.out_col(bx, tx // 32 % cfg.warps_n, ni, j, tx % 32, c),
+                                        per_group, _f32))
 
     return launch
 
@@ -269,10 +258,11 @@ def _f32(v):
     return v.astype("float32")
 
 
-def _epilogue(psum, sx, s1, z, xsum, f32):
-    """fp32 psum * sx * s1 (- z * sx * xsum per channel), in ``reference``'s order of operations."""
-    y = f32(psum) * f32(sx) * f32(s1)
-    return y if z is None else y - f32(z) * f32(sx) * f32(xsum)
+def _output(psum, sx, s1, z, xsum, row, col, per_group: bool, f32):
+    """Output (row, col) from its int32 accumulator, in ``reference``'s order of operations:
+    psum * sx * s1, minus z * sx * xsum per channel (``z``, ``xsum`` unused per group)."""
+    y = f32(psum) * f32(sx[row, 0]) * f32(s1[col])
+    return y if per_group else y - f32(z[col]) * f32(sx[row, 0]) * f32(xsum[row, 0])
 
 
 def tile_maps(n: int, k: int, group: int | None, tiles=DEFAULT_TILES) -> list[tuple[int | None, TileMaps]]:
@@ -290,49 +280,35 @@ def tensor_core_gemm(n: int, k: int, group: int | None, tiles=DEFAULT_TILES) -> 
     n32, k32 = -(-n // 32), k // 32
     g = -(-k // group) if group else 1
     (small_m, small_maps), (medium_m, medium_maps), (_, large_maps) = tile_maps(n, k, group, tiles)
+    if group is None:  # (z [N] fp16, xsum [M, 1] int32), read as they are
+        extra = [(lambda m: (n,), "float16", lambda m: (n,), "float16"),
+                 (lambda m: (m, 1), "int32", lambda m: (m, 1), "int32")]
+    else:  # (s2, z2) int8 [G, N/32 * 32], read as uint32 words of four channels' bytes
+        extra = [(lambda m: (g, n32 * 32), "int8", lambda m: (g, n32 * 8), "uint32")] * 2
+    (e0_shape, e0_dtype, e0_view, e0_view_dtype), (e1_shape, e1_dtype, e1_view, e1_view_dtype) = extra
     with fast_tvmscript():
         small, medium, large = _launch(small_maps), _launch(medium_maps), _launch(large_maps)
 
-        if group is None:
-            @T.prim_func(private=True)
-            def gemm(var_qx: T.handle, var_sx: T.handle, var_qw: T.handle, var_s1: T.handle, var_z: T.handle,
-                     var_xsum: T.handle, var_y: T.handle):
-                T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "qoqc.tir_pipeline": "tirx"})
-                m = T.int64()
-                qx = T.match_buffer(var_qx, (m, k), "int8")
-                sx = T.match_buffer(var_sx, (m, 1), "float16")
-                qw = T.match_buffer(var_qw, (n32, k32, 32, 4), "uint32")
-                s1 = T.match_buffer(var_s1, (n,), "float16")
-                z = T.match_buffer(var_z, (n,), "float16")
-                xsum = T.match_buffer(var_xsum, (m, 1), "int32")
-                y = T.match_buffer(var_y, (m, n), "float16")
-                if m <= small_m:
-                    small(m, qx, sx, qw, s1, z, xsum, y)
-                elif m <= medium_m:
-                    medium(m, qx, sx, qw, s1, z, xsum, y)
-                else:
-                    large(m, qx, sx, qw, s1, z, xsum, y)
-        else:
-            @T.prim_func(private=True)
-            def gemm(var_qx: T.handle, var_sx: T.handle, var_qw: T.handle, var_s1: T.handle, var_s2: T.handle,
-                     var_z2: T.handle, var_y: T.handle):
-                T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "qoqc.tir_pipeline": "tirx"})
-                m = T.int64()
-                qx = T.match_buffer(var_qx, (m, k), "int8")
-                sx = T.match_buffer(var_sx, (m, 1), "float16")
-                qw = T.match_buffer(var_qw, (n32, k32, 32, 4), "uint32")
-                s1 = T.match_buffer(var_s1, (n,), "float16")
-                s2 = T.match_buffer(var_s2, (g, n32 * 32), "int8")
-                z2 = T.match_buffer(var_z2, (g, n32 * 32), "int8")
-                y = T.match_buffer(var_y, (m, n), "float16")
-                s2w = T.decl_buffer((g, n32 * 8), "uint32", data=s2.data)  # four channels' bytes per word
-                z2w = T.decl_buffer((g, n32 * 8), "uint32", data=z2.data)
-                if m <= small_m:
-                    small(m, qx, sx, qw, s1, s2w, z2w, y)
-                elif m <= medium_m:
-                    medium(m, qx, sx, qw, s1, s2w, z2w, y)
-                else:
-                    large(m, qx, sx, qw, s1, s2w, z2w, y)
+        @T.prim_func(private=True)
+        def gemm(var_qx: T.handle, var_sx: T.handle, var_qw: T.handle, var_s1: T.handle, var_e0: T.handle,
+                 var_e1: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "qoqc.tir_pipeline": "tirx"})
+            m = T.int64()
+            qx = T.match_buffer(var_qx, (m, k), "int8")
+            sx = T.match_buffer(var_sx, (m, 1), "float16")
+            qw = T.match_buffer(var_qw, (n32, k32, 32, 4), "uint32")
+            s1 = T.match_buffer(var_s1, (n,), "float16")
+            e0 = T.match_buffer(var_e0, e0_shape(m), e0_dtype)
+            e1 = T.match_buffer(var_e1, e1_shape(m), e1_dtype)
+            y = T.match_buffer(var_y, (m, n), "float16")
+            e0v = T.decl_buffer(e0_view(m), e0_view_dtype, data=e0.data)
+            e1v = T.decl_buffer(e1_view(m), e1_view_dtype, data=e1.data)
+            if m <= small_m:
+                small(m, qx, sx, qw, s1, e0v, e1v, y)
+            elif m <= medium_m:
+                medium(m, qx, sx, qw, s1, e0v, e1v, y)
+            else:
+                large(m, qx, sx, qw, s1, e0v, e1v, y)
     return gemm
 
 
@@ -433,7 +409,5 @@ def emulate(maps: TileMaps, qx, sx, qw, s1, *extra) -> tuple[np.ndarray, np.ndar
                                 if row < m and col < maps.n:
                                     v = np.int32(acc[th, maps.acc(mi, ni, j, c)])  # int32 wraparound, as mma
                                     psum[row, col] = v
-                                    y[row, col] = _epilogue(
-                                        v, sx[row, 0], s1[col], None if per_group else extra[0][col],
-                                        None if per_group else extra[1][row, 0], np.float32)
+                                    y[row, col] = _output(v, sx, s1, *extra, row, col, per_group, np.float32)
     return psum.astype(np.int32), y

@@ -98,3 +98,25 @@ def rel_err(a, b) -> float:
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def w4a8_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
+    """A quantized linear on random data: (x, w, qw, (qx, sx, *params)) with the W4A8 GEMM's
+    arguments in the kernel layouts; activations with per-token outliers."""
+    import numpy as np
+
+    from qoq_compiler.passes.weight_layout import to_kernel_layout
+    from qoq_compiler.quant import reference as qref
+    from qoq_compiler.quant.convert import weight_params
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)) * 0.05
+    x = rng.standard_normal((m, k)) * rng.uniform(0.5, 4, size=(m, 1))
+    qx, sx = qref.quantize_per_token(x)
+    qw = qref.per_channel_quantize(w) if group is None else qref.progressive_quantize(w, group=group)
+    p = to_kernel_layout(weight_params("w.weight", qw))
+    if group is None:
+        extra = (p["w.weight_zero"], qx.sum(axis=1, keepdims=True, dtype=np.int32))
+    else:
+        extra = (p["w.weight_group_scale"], p["w.weight_group_zero"])
+    return x, w, qw, (qx, sx, p["w.weight"], p["w.weight_scale"], *extra)

@@ -11,6 +11,7 @@ from qoq_compiler.quant import reference as qref
 from qoq_compiler.quant.convert import weight_params
 from qoq_compiler.tvm_env import tvm
 from schedules import w4a8_gemm
+from conftest import w4a8_case
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
@@ -90,19 +91,10 @@ def _run(func, *arrays, out_shapes):
                                          (3, 128, 16, 32), (4, 576, 24, 128),  # 576: a shorter last group
                                          (2, 172, 16, None), (3, 172, 16, 64)])  # 172: padded K
 def test_w4a8_gemm_matches_reference(m, k, n, group):
-    rng = np.random.default_rng(m + k + n)
-    w = rng.standard_normal((n, k)) * 0.05
-    x = rng.standard_normal((m, k)) * rng.uniform(0.5, 4, size=(m, 1))
-    qx, sx = qref.quantize_per_token(x)
-    qw = qref.per_channel_quantize(w) if group is None else qref.progressive_quantize(w, group=group)
-    p = to_kernel_layout(weight_params("w.weight", qw))
-    if group is None:
-        params = (p["w.weight"], p["w.weight_scale"], p["w.weight_zero"], qx.sum(1, keepdims=True, dtype=np.int32))
-    else:
-        params = (p["w.weight"], p["w.weight_scale"], p["w.weight_group_scale"], p["w.weight_group_zero"])
-    psum_ref, y_ref = w4a8_gemm.reference(qx, sx, *params, group=group)
-    psum, y = _run(w4a8_gemm.w4a8_gemm(k, n, group), qx, sx, *params,
-                   out_shapes=[((m, n), "int32"), ((m, n), "float16")])
+    x, w, qw, args = w4a8_case(m, n, k, group, seed=m + k + n)
+    psum_ref, y_ref = w4a8_gemm.reference(*args, group=group)
+    psum, y = _run(w4a8_gemm.w4a8_gemm(k, n, group), *args, out_shapes=[((m, n), "int32"), ((m, n), "float16")])
+    qx, sx = args[:2]
     assert (psum == psum_ref).all()  # integer accumulators: exact
     assert np.abs(y.astype(np.float32) - y_ref.astype(np.float32)).max() <= 2e-3 * np.abs(y_ref).max()
     # and the whole thing is the product of the dequantized operands

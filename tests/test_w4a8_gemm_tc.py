@@ -6,25 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qoq_compiler.passes.weight_layout import to_kernel_layout
-from qoq_compiler.quant import reference as qref
-from qoq_compiler.quant.convert import weight_params
 from schedules import nvcc, w4a8_gemm, w4a8_gemm_tc
-
-
-def gemm_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
-    """Random (qx, sx, *params) in the kernel's layouts; activations with per-token outliers."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k)) * 0.05
-    x = rng.standard_normal((m, k)) * rng.uniform(0.5, 4, size=(m, 1))
-    qx, sx = qref.quantize_per_token(x)
-    qw = qref.per_channel_quantize(w) if group is None else qref.progressive_quantize(w, group=group)
-    p = to_kernel_layout(weight_params("w.weight", qw))
-    if group is None:
-        extra = (p["w.weight_zero"], qx.sum(axis=1, keepdims=True, dtype=np.int32))
-    else:
-        extra = (p["w.weight_group_scale"], p["w.weight_group_zero"])
-    return qx, sx, p["w.weight"], p["w.weight_scale"], *extra
+from conftest import w4a8_case
 
 
 @pytest.mark.parametrize("m,n,k,group", [
@@ -35,7 +18,7 @@ def gemm_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
     (130, 128, 256, None),  # per channel, M past the medium tile
 ])
 def test_emulated_kernel_equals_reference(m, n, k, group):
-    args = gemm_case(m, n, k, group, seed=m + n + k)
+    args = w4a8_case(m, n, k, group, seed=m + n + k)[3]
     psum_ref, y_ref = w4a8_gemm.reference(*args, group=group)
     for _, maps in w4a8_gemm_tc.tile_maps(n, k, group):
         psum, y = w4a8_gemm_tc.emulate(maps, *args)
