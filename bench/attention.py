@@ -14,7 +14,7 @@ device-to-device copy measured in the same run. Combinations whose fp16 K/V woul
 
 ``--cpu-check`` needs no GPU: the kernel tests on CPU (tests/test_kv4_attention.py: head_dim 64 and
 128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64) and nvcc
-compiles of the CUDA variants of the scatter and attention kernels. Non-zero exit on any
+compiles of the CUDA variants of the append and attention kernels. Non-zero exit on any
 failure.
 """
 
@@ -42,10 +42,9 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 
 
 def _cuda_kernels(arch: str, layers: int = 1):
-    """The KV4 scatter and attention kernels for CUDA as one module (``scatter``, ``attention``); the
-    quantize kernel is fused with RoPE in the model and compiled by tests/test_cuda_build.py."""
+    """The KV4 append (RoPE + quantize + write) and attention kernels for CUDA as one module."""
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    funcs = {"scatter": ka.kv4_scatter(layers, HKV, D),
+    funcs = {"append": ka.kv4_append(layers, HQ, HKV, D, 10000.0, {}, "float16", gpu=True),
              "attention": ka.kv4_attention(layers, HQ, HKV, D, PAGE, D ** -0.5, "float16", gpu=True)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:

@@ -28,9 +28,8 @@ from .intrin import load_cuda_intrinsics
 #: Compute definitions that the model's quantized layers emit (handed to the frontend by the compiler).
 kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul,
                           w4a8_matmul=w4a8_gemm.w4a8_matmul, w4a8_tensor_core=None,
-                          token_sum=w4a8_gemm.token_sum, rope=kv4_attention.rope,
-                          kv4_quantize=kv4_attention.kv4_quantize, kv4_scatter=kv4_attention.kv4_scatter,
-                          kv4_attention=kv4_attention.kv4_attention)
+                          token_sum=w4a8_gemm.token_sum, rope_q=kv4_attention.rope_q,
+                          kv4_append=kv4_attention.kv4_append, kv4_attention=kv4_attention.kv4_attention)
 
 
 def kernels_for(target) -> SimpleNamespace:

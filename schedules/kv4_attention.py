@@ -9,11 +9,12 @@ pages a sequence owns is decided by the runtime (``runtime.kv_cache``), not by t
 
 Per layer, for the T new tokens of a ragged batch (``positions`` [T]: absolute position,
 ``token_seq`` [T]: its row of ``page_table``, ``slots`` [T]: where its K/V go):
-    rope         q, k, v = split(qkv); RoPE(q), RoPE(k) at ``positions``     (TE, any rope_scaling
-                 TVM implements: the cos/sin of ``position_embedding.switch_rope_freq_func``)
-    kv4_quantize per (token, head) of K and V:  lo = fp16(min x),  s = fp16(max(max x - lo, 1e-4) / 15),
+    rope_q       RoPE(q) at ``positions``  (TE; any rope_scaling TVM implements: the cos/sin of
+                 ``position_embedding.switch_rope_freq_func``)
+    kv4_append   in one pass per (token, K or V, kv head), in place: RoPE(k), then
+                 lo = fp16(min x),  s = fp16(max(max x - lo, 1e-4) / 15),
                  code = clamp(round((x - lo) / s), 0, 15)            (``quant.reference.kv4_quantize``)
-    kv4_scatter  codes and (s, lo) written into the slots, in place
+                 written with (s, lo) into the token's slot
     kv4_attention for each new token t and query head h (kv head h // (Hq / Hkv)), over the
                  positions j <= positions[t] of its sequence, with online softmax:
                      score_j = sm_scale * (s_j * sum_d q_d code_jd + lo_j * sum_d q_d)
@@ -34,80 +35,80 @@ from tvm.script import tirx as T
 RANGE_FLOOR = 1e-4  # as quant.reference: every fp16 scale stays positive
 
 
-def rope(qkv: te.Tensor, positions: te.Tensor, num_q_heads: int, num_kv_heads: int, theta: float,
-         rope_scaling: dict) -> tuple[te.Tensor, te.Tensor, te.Tensor]:
-    """qkv [T, Hq + 2 Hkv, D], positions [T] int32 -> q [T, Hq, D], k [T, Hkv, D] (rotated), v."""
-    _, _, d = qkv.shape
-    d = int(d)
+def _rotated(qkv, t, head, i, positions, freq, d: int, theta: float):
+    """RoPE of element (t, head, i) of ``qkv`` at ``positions[t]`` (rotate-half layout), in qkv's dtype."""
+    cos_f, sin_f, var_map = freq(positions[t].astype("float32"), i, d, theta, "float32")
+    other = tirx.if_then_else(i < d // 2, -qkv[t, head, i + d // 2], qkv[t, head, i - d // 2]).astype("float32")
+    expr = (cos_f * qkv[t, head, i].astype("float32") + sin_f * other).astype(qkv.dtype)
+    for var, value in var_map.items():
+        expr = tirx.Let(var, value, expr)
+    return expr
+
+
+def rope_q(qkv: te.Tensor, positions: te.Tensor, num_q_heads: int, theta: float, rope_scaling: dict) -> te.Tensor:
+    """qkv [T, Hq + 2 Hkv, D], positions [T] int32 -> RoPE(q) [T, Hq, D] (K is rotated by ``kv4_append``)."""
+    d = int(qkv.shape[2])
     freq = switch_rope_freq_func(dict(rope_scaling))
-
-    def rotated(t, h, i):
-        cos_f, sin_f, var_map = freq(positions[t].astype("float32"), i, d, theta, "float32")
-        other = tirx.if_then_else(i < d // 2, -qkv[t, h, i + d // 2], qkv[t, h, i - d // 2]).astype("float32")
-        expr = (cos_f * qkv[t, h, i].astype("float32") + sin_f * other).astype(qkv.dtype)
-        for var, value in var_map.items():
-            expr = tirx.Let(var, value, expr)
-        return expr
-
-    n = qkv.shape[0]
-    q = te.compute((n, num_q_heads, d), lambda t, h, i: rotated(t, h, i), name="q_rope")
-    k = te.compute((n, num_kv_heads, d), lambda t, h, i: rotated(t, num_q_heads + h, i), name="k_rope")
-    v = te.compute((n, num_kv_heads, d), lambda t, h, i: qkv[t, num_q_heads + num_kv_heads + h, i], name="v")
-    return q, k, v
+    return te.compute((qkv.shape[0], num_q_heads, d),
+                      lambda t, h, i: _rotated(qkv, t, h, i, positions, freq, d, theta), name="q_rope")
 
 
-def kv4_quantize(k: te.Tensor, v: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
-    """k, v [T, Hkv, D] -> codes uint8 [T, 2, Hkv, D/2], params fp16 [T, 2, Hkv, 2] (scale, minimum)."""
-    n, hkv, d = k.shape
+def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float,
+               rope_scaling: dict, dtype: str, gpu: bool) -> tirx.PrimFunc:
+    """In place, one pass per (new token, K or V, kv head): RoPE (K only, rounded to ``dtype`` as the
+    model's activations are), then (scale, minimum) and UINT4 codes (``quant.reference.kv4_quantize``)
+    written to slot ``slots[t]`` of layer ``layer``. PrimFunc (kv_data, kv_param, qkv [T, Hq + 2 Hkv, D],
+    positions [T], slots [T], layer int64)."""
+    half, threads = head_dim // 2, 64
+    freq = switch_rope_freq_func(dict(rope_scaling))
+    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
+    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+    floor = tirx.const(RANGE_FLOOR, "float32")
 
-    def x(t, kv, h, i):
-        return tirx.Select(kv == 0, k[t, h, i], v[t, h, i]).astype("float32")
+    def code(x, lo, scale):
+        c = T.round((x - T.Cast("float32", lo)) / T.Cast("float32", scale))
+        return T.Cast("uint8", T.min(T.max(c, T.float32(0)), T.float32(15)))
 
-    r1 = te.reduce_axis((0, d), name="d1")
-    r2 = te.reduce_axis((0, d), name="d2")
-    lo = te.compute((n, 2, hkv), lambda t, kv, h: te.min(x(t, kv, h, r1), axis=r1), name="kv_min")
-    hi = te.compute((n, 2, hkv), lambda t, kv, h: te.max(x(t, kv, h, r2), axis=r2), name="kv_max")
-    lo16 = te.compute((n, 2, hkv), lambda *i: lo[i].astype("float16"), name="kv_lo")
-    s16 = te.compute((n, 2, hkv), lambda *i: (te.max(hi[i] - lo16[i].astype("float32"),
-                                                     tirx.const(RANGE_FLOOR, "float32")) / 15.0).astype("float16"),
-                     name="kv_scale")
-
-    def code(t, kv, h, i):
-        c = te.round((x(t, kv, h, i) - lo16[t, kv, h].astype("float32")) / s16[t, kv, h].astype("float32"))
-        return te.min(te.max(c, tirx.const(0.0, "float32")), tirx.const(15.0, "float32")).astype("uint8")
-
-    codes = te.compute((n, 2, hkv, d // 2), lambda t, kv, h, j: code(t, kv, h, 2 * j)
-                       | (code(t, kv, h, 2 * j + 1) << tirx.const(4, "uint8")), name="kv_codes")
-    params = te.compute((n, 2, hkv, 2), lambda t, kv, h, p: tirx.Select(p == 0, s16[t, kv, h], lo16[t, kv, h]),
-                        name="kv_params")
-    return codes, params
-
-
-def kv4_scatter(num_layers: int, num_kv_heads: int, head_dim: int) -> tirx.PrimFunc:
-    """In place: kv_data[layer, :, slots[t]] = codes[t], kv_param[layer, :, slots[t]] = params[t].
-
-    ``layer`` is a scalar argument, so one function serves every layer."""
-    half = head_dim // 2
-
-    @T.prim_func(s_tir=True, private=True)
-    def scatter(var_data: T.handle, var_param: T.handle, var_codes: T.handle, var_params: T.handle,
-                var_slots: T.handle, layer: T.int64):
-        T.func_attr({"tirx.noalias": True})
+    @T.prim_func(private=True)
+    def append(var_data: T.handle, var_param: T.handle, var_qkv: T.handle, var_pos: T.handle, var_slots: T.handle,
+               layer: T.int64):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n, s = T.int64(), T.int64()
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
         param = T.match_buffer(var_param, (num_layers, 2, s, num_kv_heads, 2), "float16")
-        codes = T.match_buffer(var_codes, (n, 2, num_kv_heads, half), "uint8")
-        params = T.match_buffer(var_params, (n, 2, num_kv_heads, 2), "float16")
+        qkv = T.match_buffer(var_qkv, (n, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
+        positions = T.match_buffer(var_pos, (n,), "int32")
         slots = T.match_buffer(var_slots, (n,), "int32")
-        for t, kv, h, j in T.grid(n, 2, num_kv_heads, half + 2):
-            with T.sblock("scatter"):
-                vt, vkv, vh, vj = T.axis.remap("SSSS", [t, kv, h, j])
-                if vj < half:
-                    data[layer, vkv, T.Cast("int64", slots[vt]), vh, vj] = codes[vt, vkv, vh, vj]
-                else:
-                    param[layer, vkv, T.Cast("int64", slots[vt]), vh, vj - half] = params[vt, vkv, vh, vj - half]
+        for bx in outer((n * 2 * num_kv_heads + threads - 1) // threads):
+            for tx in inner(threads):
+                x = T.alloc_buffer((head_dim,), "float32", scope="local")
+                st = T.alloc_buffer((2,), "float32", scope="local")  # min, max
+                st16 = T.alloc_buffer((2,), "float16", scope="local")  # minimum, scale as stored
+                idx = bx * threads + tx
+                if idx < n * 2 * num_kv_heads:
+                    t = idx // (2 * num_kv_heads)
+                    kv = idx // num_kv_heads % 2
+                    h = idx % num_kv_heads
+                    slot = T.Cast("int64", slots[t])
+                    st[0] = T.float32(3.0e38)
+                    st[1] = T.float32(-3.0e38)
+                    for i in range(head_dim):
+                        if kv == 0:
+                            x[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim,
+                                                              theta))
+                        else:
+                            x[i] = T.Cast("float32", qkv[t, num_q_heads + num_kv_heads + h, i])
+                        st[0] = T.min(st[0], x[i])
+                        st[1] = T.max(st[1], x[i])
+                    st16[0] = T.Cast("float16", st[0])
+                    st16[1] = T.Cast("float16", T.max(st[1] - T.Cast("float32", st16[0]), floor) / T.float32(15))
+                    param[layer, kv, slot, h, 0] = st16[1]
+                    param[layer, kv, slot, h, 1] = st16[0]
+                    for j in range(half):
+                        data[layer, kv, slot, h, j] = code(x[2 * j], st16[0], st16[1]) \
+                            | (code(x[2 * j + 1], st16[0], st16[1]) << T.uint8(4))
 
-    return scatter
+    return append
 
 
 def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,

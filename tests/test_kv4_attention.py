@@ -1,5 +1,6 @@
-"""KV4 kernels on CPU: quantization equals the NumPy spec, attention over the paged 4-bit cache
-equals float64 attention over the same dequantized cache (page boundaries, GQA, ragged batch)."""
+"""KV4 kernels on CPU: RoPE matches float64, the appended codes and scales equal the NumPy spec, and
+attention over the paged 4-bit cache equals float64 attention over the same dequantized cache (page
+boundaries, GQA, ragged batch)."""
 
 from __future__ import annotations
 
@@ -23,19 +24,31 @@ def _t(a):
     return tvm.runtime.tensor(np.ascontiguousarray(a))
 
 
-def quantize_and_store(k, v, cache, slots, layer):
-    """Run kv4_quantize + kv4_scatter on the device arrays of ``cache`` (data, param)."""
+THETA = 10000.0
+
+
+def rope_reference(x: np.ndarray, pos: np.ndarray, theta: float = THETA) -> np.ndarray:
+    """float64 RoPE (rotate-half layout) of x [T, H, D] at positions pos [T]."""
+    d = x.shape[-1]
+    angle = pos[:, None].astype(np.float64) * theta ** (-np.arange(0, d, 2) / d)       # [T, D/2]
+    cos, sin = (np.concatenate([f(angle)] * 2, axis=-1)[:, None] for f in (np.cos, np.sin))
+    rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def append_tokens(k, v, pos, cache, slots, layer):
+    """kv4_append of new tokens' K (rotated in the kernel) and V into ``cache`` (data, param);
+    returns RoPE(k) as TVM computes it (``rope_q`` on K placed in the q heads: the same expression)."""
     n, hkv, d = k.shape
-    kp = te.placeholder((n, hkv, d), "float32", name="k")
-    vp = te.placeholder((n, hkv, d), "float32", name="v")
-    codes, params = ka.kv4_quantize(kp, vp)
-    c = np.zeros((n, 2, hkv, d // 2), "uint8")
-    p = np.zeros((n, 2, hkv, 2), "float16")
-    tc, tp = _t(c), _t(p)
-    _build(te.create_prim_func([kp, vp, codes, params]))(_t(k), _t(v), tc, tp)
+    qkv = np.concatenate([k, k, v], axis=1)                  # "q" heads = K, so rope_q(qkv) = RoPE(K)
+    qkv_p = te.placeholder(qkv.shape, "float32", name="qkv")
+    pos_p = te.placeholder((n,), "int32", name="pos")
+    k_rot = _t(np.zeros((n, hkv, d), "float32"))
+    _build(te.create_prim_func([qkv_p, pos_p, ka.rope_q(qkv_p, pos_p, hkv, THETA, {})]))(_t(qkv), _t(pos), k_rot)
     num_layers = cache[0].shape[0]
-    _build(ka.kv4_scatter(num_layers, hkv, d))(cache[0], cache[1], tc, tp, _t(slots), layer)
-    return tc.numpy(), tp.numpy()
+    _build(ka.kv4_append(num_layers, hkv, hkv, d, THETA, {}, "float32", gpu=False))(
+        cache[0], cache[1], _t(qkv), _t(pos), _t(slots), layer)
+    return k_rot.numpy()
 
 
 @pytest.mark.parametrize("hq,hkv,d,page,lengths", [
@@ -64,16 +77,15 @@ def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
     cache = (_t(rng.integers(0, 255, size=(layers, 2, pages * page, hkv, d // 2)).astype("uint8")),
              _t(rng.standard_normal((layers, 2, pages * page, hkv, 2)).astype("float16")))
 
-    codes, params = quantize_and_store(k, v, cache, slots, layer)
-    for i, x in enumerate((k, v)):  # codes and (scale, min) equal the NumPy spec bit for bit
+    k_rot = append_tokens(k, v, pos, cache, slots, layer)
+    assert np.linalg.norm(k_rot - rope_reference(k, pos)) / np.linalg.norm(k) < 1e-5  # RoPE is RoPE
+    data, param = cache[0].numpy()[layer][:, slots], cache[1].numpy()[layer][:, slots]  # [2, T, Hkv, ...]
+    for i, x in enumerate((k_rot, v)):  # codes and (scale, min) equal the NumPy spec bit for bit
         q_ref, s_ref, lo_ref = qref.kv4_quantize(x)
-        packed = q_ref[..., 0::2] | (q_ref[..., 1::2] << 4)
-        assert (codes[:, i] == packed).all()
-        assert (params[:, i, :, 0] == s_ref).all() and (params[:, i, :, 1] == lo_ref).all()
-    data = cache[0].numpy()
-    assert (data[layer, :, slots] == codes).all()  # advanced indexing puts the token axis first
+        assert (data[i] == (q_ref[..., 0::2] | (q_ref[..., 1::2] << 4))).all()
+        assert (param[i, ..., 0] == s_ref).all() and (param[i, ..., 1] == lo_ref).all()
 
-    k_hat = qref.kv4_dequantize(*qref.kv4_quantize(k))
+    k_hat = qref.kv4_dequantize(*qref.kv4_quantize(k_rot))
     v_hat = qref.kv4_dequantize(*qref.kv4_quantize(v))
     q = rng.standard_normal((n, hq, d)).astype("float32")
     sm = d ** -0.5

@@ -201,14 +201,13 @@ class KV4Cache:
         cfg, k = self.cfg, self.kernels
         b, t, heads, d = qkv.shape
         x = op.reshape(qkv, (b * t, heads, d))
-        q, key, val = op.tensor_expr_op(
-            partial(k.rope, num_q_heads=num_heads, num_kv_heads=cfg.num_kv_heads, theta=cfg.rope_theta,
-                    rope_scaling=dict(cfg.rope_scaling)), "rope", [x, self.positions])
-        codes, params = op.tensor_expr_op(k.kv4_quantize, "kv4_quantize", [key, val])
+        q = op.tensor_expr_op(partial(k.rope_q, num_q_heads=num_heads, theta=cfg.rope_theta,
+                                      rope_scaling=dict(cfg.rope_scaling)), "rope_q", [x, self.positions])
         layer = tirx.IntImm("int64", layer_id)  # a scalar argument: one kernel serves every layer
         self.data, self.param = op.tensor_ir_inplace_op(
-            k.kv4_scatter(cfg.num_layers, cfg.num_kv_heads, d), "kv4_scatter",
-            [self.data, self.param, codes, params, self.slots, layer], inplace_indices=[0, 1],
+            k.kv4_append(cfg.num_layers, num_heads, cfg.num_kv_heads, d, cfg.rope_theta, dict(cfg.rope_scaling),
+                         self.dtype, self.gpu), "kv4_append",
+            [self.data, self.param, x, self.positions, self.slots, layer], inplace_indices=[0, 1],
             out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
         out = op.tensor_ir_op(
             k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, sm_scale,
