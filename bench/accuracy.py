@@ -37,6 +37,7 @@ from qoq_compiler.frontend.checkpoint import default_model_path, load_torch_mode
 from qoq_compiler.quant.qoq import quantize_model  # noqa: E402
 from qoq_compiler.quant.simulate import simulate  # noqa: E402
 from qoq_compiler.runtime.evaluate import log_softmax_nll, wikitext_text  # noqa: E402
+from bench.common import emit_table  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SEQ_LEN = 2048
@@ -61,6 +62,11 @@ ROWS = {
     "g128-w4": ("QoQ g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"),
                 False),
     "g128-w4a8": ("QoQ g128 W4A8, float KV", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"), True),
+    "kv4": ("KV4 only (float weights and activations)", replace(QUANT_SCHEMES["fp16"], kv="int4"), False),
+    "rtn-w4": ("RTN g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["rtn-w4a8kv4"], kv="float"), False),
+    # SmolLM2's GGUF weights already sit on a 4-bit g32 grid: RTN on that grid shows what the g128 grid costs
+    "rtn-g32-w4": ("RTN g32 weights only (W4A16, float KV)",
+                   replace(QUANT_SCHEMES["rtn-w4a8kv4"], group=32, kv="float"), False),
 }
 DEFAULT_ROWS = "fp16,w8a8,rtn,qoq-g128,qoq-chn,no-smooth-attn,no-rotation,no-gptq"
 
@@ -108,7 +114,8 @@ def main() -> int:
         if scheme is not None:
             if scheme.passes is not None and args.calib_samples:
                 scheme = replace(scheme, passes=replace(scheme.passes, calib_samples=args.calib_samples))
-            simulate(model, scheme, quantize_model(model, tokenizer, scheme), activations=activations)
+            weights = quantize_model(model, tokenizer, scheme) if scheme.weights != "float" else None
+            simulate(model, scheme, weights, activations=activations)
         t1 = time.perf_counter()
         ppl = {name: perplexity(model, wins, f"{key} {name}") for name, wins in texts.items()}
         results.append((label, ppl, t1 - t0))
@@ -126,10 +133,7 @@ def main() -> int:
     for label, ppl, secs in results:
         delta = f" | {100 * (ppl['WikiText-2'] / ref['WikiText-2'] - 1):+.1f}%" if ref else ""
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in ppl.values()) + f"{delta} | {secs:.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    emit_table(lines, args.out)
     return 0
 
 

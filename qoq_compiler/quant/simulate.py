@@ -54,14 +54,15 @@ def _register_attention() -> None:
 
 
 @torch.no_grad()
-def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight], activations: bool = True) -> None:
+def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None,
+             activations: bool = True) -> None:
     """Turn ``model`` (after the scheme's passes) into its fake-quantized twin, in place.
 
-    ``activations=False`` leaves the linears' inputs in float (to measure the weights' share of
-    the error alone); ``scheme.kv == "float"`` leaves the KV cache in float."""
+    To measure one quantizer's share of the error: ``weights=None`` leaves the weights in float,
+    ``activations=False`` the linears' inputs, ``scheme.kv == "float"`` the KV cache."""
     params = dict(model.named_parameters())
     for i, layer in enumerate(model.model.layers):
-        for name in linear_names(i).values():
+        for name in linear_names(i).values() if weights is not None else ():
             w = torch.from_numpy(weights[name].dequantize())
             row = 0
             for src in hf_sources(name):
