@@ -14,8 +14,8 @@ device-to-device copy measured in the same run. Combinations whose fp16 K/V woul
 
 ``--cpu-check`` needs no GPU: the kernel tests on CPU (tests/test_kv4_attention.py: head_dim 64 and
 128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64) and nvcc
-compiles of the CUDA variants of the append and attention kernels. Non-zero exit on any
-failure.
+compiles of the CUDA append, split attention and merge kernels, which must not spill registers.
+Non-zero exit on any failure.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ HQ, HKV, D, PAGE = 32, 8, 128, 16
 
 
 def _cuda_kernels(arch: str, layers: int = 1):
-    """The KV4 append (RoPE + quantize + write) and attention kernels for CUDA as one module."""
+    """The KV4 append (RoPE + quantize + write), split attention and merge kernels for CUDA as one module."""
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     funcs = {"append": ka.kv4_append(layers, HQ, HKV, D, 10000.0, {}, "float16", gpu=True),
-             "attention": ka.kv4_attention(layers, HQ, HKV, D, PAGE, D ** -0.5, "float16", gpu=True)}
+             "attention": ka.kv4_attention(layers, HQ, HKV, D, PAGE, D ** -0.5, "float16", gpu=True),
+             "merge": ka.kv4_merge(HQ, HKV, D, "float16", gpu=True)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:
         mod = schedules.schedule(target)(mod)  # the model pipeline's rules
-    return tvm.compile(mod, target=target)
+    return tvm.compile(mod, target=target, tir_pipeline=schedules.TIR_PIPELINE)
 
 
 def cpu_check() -> int:
@@ -68,7 +69,9 @@ def cpu_check() -> int:
             check(False, f"{arch}: {e}")
             continue
         check(True, f"{arch}: {len(report)} kernels compile with nvcc "
-                    f"({', '.join(f'{r.name} {r.registers} regs, {r.spill_stores} B spilled' for r in report)})")
+                    f"({', '.join(f'{r.name} {r.registers} regs, {r.shared_bytes} B smem' for r in report)})")
+        spilling = [r.name for r in report if r.spill_stores or r.spill_loads]
+        check(not spilling, f"{arch}: no register spills" + (f" (spilling: {', '.join(spilling)})" if spilling else ""))
     return check.exit_status()
 
 
@@ -80,7 +83,13 @@ def gpu_bench(args) -> int:
         print("bench/attention.py: no CUDA GPU (use --cpu-check on a machine without one)", file=sys.stderr)
         return 2
     dev = tvm.cuda(0)
-    attention = _cuda_kernels(args.arch)["attention"]
+    kernels = _cuda_kernels(args.arch)
+    workspace = tvm.runtime.tensor(np.zeros(ka.workspace_shape(ka.split_plan(HQ, HKV, D, gpu=True)), np.float32),
+                                   device=dev)
+
+    def attention(q, data, param, pos, seq, table, out):  # what one layer of the model runs
+        kernels["attention"](q, data, param, pos, seq, table, 0, out, workspace)
+        kernels["merge"](out, workspace, pos)
     rng = np.random.default_rng(0)
 
     src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
@@ -103,7 +112,7 @@ def gpu_bench(args) -> int:
             seq = np.arange(b, dtype="int32")
             args_tvm = [tvm.runtime.tensor(a, device=dev) for a in (q, data, param, pos, seq, table)]
             out = tvm.runtime.tensor(np.zeros((b, HQ, D), np.float16), device=dev)
-            attention(*args_tvm[:6], 0, out)
+            attention(*args_tvm, out)
             dev.sync()
             # float64 reference over the dequantized cache, in sequence order
             codes = torch.from_numpy(data[0]).cuda()
@@ -118,7 +127,7 @@ def gpu_bench(args) -> int:
             rel = float((got - ref).norm() / ref.norm())
             if not rel < 2e-2:
                 failures.append(f"batch {b} context {ctx}: rel err {rel:.2e}")
-            ours = cuda_median_us(lambda: attention(*args_tvm[:6], 0, out), args.repeats)
+            ours = cuda_median_us(lambda: attention(*args_tvm, out), args.repeats)
             k16 = torch.randn(b, HKV, ctx, D, device="cuda", dtype=torch.float16)
             v16 = torch.randn_like(k16)
             q16 = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.float16)

@@ -118,6 +118,9 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         say(f"qoqc: {cfg.architecture} from {model_path}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
             f"context {cfg.context_window}")
+        if cache["kind"] == "kv4-paged" and cfg.head_dim % 8:
+            raise QoqcError(f"{scheme.name}: the 4-bit KV cache packs 8 codes per 32-bit word, so head_dim must be "
+                            f"a multiple of 8; {model_path} has head_dim {cfg.head_dim} (use w8a8 or fp16)")
         if ckpt.tokenizer is None:
             say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
         fp16_bytes = bytes_per_token(cfg, "tvm-paged", "float16")

@@ -29,7 +29,9 @@ from .intrin import load_cuda_intrinsics
 kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul,
                           w4a8_matmul=w4a8_gemm.w4a8_matmul, w4a8_tensor_core=None,
                           token_sum=w4a8_gemm.token_sum, rope_q=kv4_attention.rope_q,
-                          kv4_append=kv4_attention.kv4_append, kv4_attention=kv4_attention.kv4_attention)
+                          kv4_append=kv4_attention.kv4_append, kv4_attention=kv4_attention.kv4_attention,
+                          kv4_merge=kv4_attention.kv4_merge, kv4_split_plan=kv4_attention.split_plan,
+                          kv4_workspace_shape=kv4_attention.workspace_shape)
 
 
 def kernels_for(target) -> SimpleNamespace:

@@ -20,12 +20,19 @@ Per layer, for the T new tokens of a ragged batch (``positions`` [T]: absolute p
                      score_j = sm_scale * (s_j * sum_d q_d code_jd + lo_j * sum_d q_d)
                      out     = sum_j softmax(score)_j * (code_j * s_j + lo_j)      (V dequantized)
                  The key's minimum factors out of the dot product: one multiply-add per code.
+                 One block per (token, kv head, split of the context) serves the kv head's G query
+                 heads, so each code is loaded once for all of them; the context is split
+                 (flash-decoding) only when there are too few (token, kv head) pairs to fill the
+                 device, and ``kv4_merge`` combines the splits by their log-sum-exp.
 New tokens are written before attention reads, so a prefill attends to its own (quantized) keys,
-as the fake-quant reference does. The attention kernel is written with explicit loops, one
-thread per (token, head): portable, correct, and slow on GPUs; the tensor-core version replaces it.
+as the fake-quant reference does. The same PrimFuncs run on CPUs (blocks in parallel, each phase's
+threads one after another) and on CUDA (threadIdx, shared memory, explicit barriers); prefill
+uses the same kernel (no tensor cores yet).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from tvm import te, tirx
@@ -33,6 +40,7 @@ from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
 RANGE_FLOOR = 1e-4  # as quant.reference: every fp16 scale stays positive
+LOG2E = 1.4426950408889634
 
 
 def _rotated(qkv, t, head, i, positions, freq, d: int, theta: float):
@@ -55,15 +63,17 @@ def rope_q(qkv: te.Tensor, positions: te.Tensor, num_q_heads: int, theta: float,
 
 def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float,
                rope_scaling: dict, dtype: str, gpu: bool) -> tirx.PrimFunc:
-    """In place, one pass per (new token, K or V, kv head): RoPE (K only, rounded to ``dtype`` as the
-    model's activations are), then (scale, minimum) and UINT4 codes (``quant.reference.kv4_quantize``)
-    written to slot ``slots[t]`` of layer ``layer``. PrimFunc (kv_data, kv_param, qkv [T, Hq + 2 Hkv, D],
-    positions [T], slots [T], layer int64)."""
-    half, threads = head_dim // 2, 64
+    """In place, one block per (new token, K or V, kv head), one thread per element: RoPE (K only,
+    rounded to ``dtype`` as the model's activations are), then (scale, minimum) and UINT4 codes
+    (``quant.reference.kv4_quantize``) written to slot ``slots[t]`` of layer ``layer``.
+    PrimFunc (kv_data, kv_param, qkv [T, Hq + 2 Hkv, D], positions [T], slots [T], layer int64)."""
+    half = head_dim // 2
     freq = switch_rope_freq_func(dict(rope_scaling))
     outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
     inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+    shared = "shared" if gpu else "global"
     floor = tirx.const(RANGE_FLOOR, "float32")
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
 
     def code(x, lo, scale):
         c = T.round((x - T.Cast("float32", lo)) / T.Cast("float32", scale))
@@ -72,58 +82,150 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
     @T.prim_func(private=True)
     def append(var_data: T.handle, var_param: T.handle, var_qkv: T.handle, var_pos: T.handle, var_slots: T.handle,
                layer: T.int64):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.func_attr(attrs)
         n, s = T.int64(), T.int64()
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
         param = T.match_buffer(var_param, (num_layers, 2, s, num_kv_heads, 2), "float16")
         qkv = T.match_buffer(var_qkv, (n, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
         positions = T.match_buffer(var_pos, (n,), "int32")
         slots = T.match_buffer(var_slots, (n,), "int32")
-        for bx in outer((n * 2 * num_kv_heads + threads - 1) // threads):
-            for tx in inner(threads):
-                x = T.alloc_buffer((head_dim,), "float32", scope="local")
-                st = T.alloc_buffer((2,), "float32", scope="local")  # min, max
-                st16 = T.alloc_buffer((2,), "float16", scope="local")  # minimum, scale as stored
-                idx = bx * threads + tx
-                if idx < n * 2 * num_kv_heads:
-                    t = idx // (2 * num_kv_heads)
-                    kv = idx // num_kv_heads % 2
-                    h = idx % num_kv_heads
-                    slot = T.Cast("int64", slots[t])
-                    st[0] = T.float32(3.0e38)
-                    st[1] = T.float32(-3.0e38)
-                    for i in range(head_dim):
-                        if kv == 0:
-                            x[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim,
-                                                              theta))
-                        else:
-                            x[i] = T.Cast("float32", qkv[t, num_q_heads + num_kv_heads + h, i])
-                        st[0] = T.min(st[0], x[i])
-                        st[1] = T.max(st[1], x[i])
-                    st16[0] = T.Cast("float16", st[0])
-                    st16[1] = T.Cast("float16", T.max(st[1] - T.Cast("float32", st16[0]), floor) / T.float32(15))
-                    param[layer, kv, slot, h, 0] = st16[1]
-                    param[layer, kv, slot, h, 1] = st16[0]
-                    for j in range(half):
-                        data[layer, kv, slot, h, j] = code(x[2 * j], st16[0], st16[1]) \
-                            | (code(x[2 * j + 1], st16[0], st16[1]) << T.uint8(4))
+        for bx in outer(n * 2 * num_kv_heads):
+            x = T.alloc_buffer((head_dim,), "float32", scope=shared)
+            st = T.alloc_buffer((2,), "float16", scope=shared)  # scale, minimum as stored
+            t = bx // (2 * num_kv_heads)
+            kv = bx // num_kv_heads % 2
+            h = bx % num_kv_heads
+            slot = T.Cast("int64", slots[t])
+            for i in inner(head_dim):
+                if kv == 0:
+                    x[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim, theta))
+                else:
+                    x[i] = T.Cast("float32", qkv[t, num_q_heads + num_kv_heads + h, i])
+            for i in inner(head_dim):
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                mm = T.alloc_buffer((2,), "float32", scope="local")  # min, max
+                if i == 0:
+                    mm[0] = x[0]
+                    mm[1] = x[0]
+                    for d in range(1, head_dim):
+                        mm[0] = T.min(mm[0], x[d])
+                        mm[1] = T.max(mm[1], x[d])
+                    st[1] = T.Cast("float16", mm[0])
+                    st[0] = T.Cast("float16", T.max(mm[1] - T.Cast("float32", T.Cast("float16", mm[0])), floor)
+                                   / T.float32(15))
+                    param[layer, kv, slot, h, 0] = st[0]
+                    param[layer, kv, slot, h, 1] = st[1]
+            for i in inner(head_dim):
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                if i < half:
+                    data[layer, kv, slot, h, i] = code(x[2 * i], st[1], st[0]) | (code(x[2 * i + 1], st[1], st[0])
+                                                                                 << T.uint8(4))
 
     return append
 
 
+THREADS = 128  # threads per block of the split attention kernel
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How ``kv4_attention`` cuts the work: one block per (new token, kv head, split of its context).
+
+    A block serves the G = Hq / Hkv query heads of one kv head (each code is read once for all of
+    them) and walks its split ``keys`` keys at a time: THREADS / lanes keys side by side, lanes =
+    D / 8 threads per key, one 32-bit word (8 codes) per thread, ``unroll`` keys per thread.
+    A token's context is split only while the launch is short of ``target_blocks`` blocks
+    (decode of few sequences over long contexts); splits hold at least ``min_chunk`` keys and are
+    combined by ``kv4_merge`` through a workspace of ``target_blocks`` rows.
+    """
+
+    num_kv_heads: int
+    group: int
+    head_dim: int
+    target_blocks: int
+    min_chunk: int = 256
+
+    @property
+    def lanes(self) -> int:
+        return self.head_dim // 8
+
+    @property
+    def unroll(self) -> int:
+        return max(1, 32 * self.lanes // THREADS)
+
+    @property
+    def keys(self) -> int:
+        return THREADS // self.lanes * self.unroll
+
+    @property
+    def v_split(self) -> int:
+        """Threads sharing one (head, word) of the V accumulation, each over every v_split-th key."""
+        return max(1, THREADS // (self.group * self.lanes))
+
+    def splits_cap(self, n):
+        """Splits per (token, kv head) in a launch of n tokens: 1 once n * Hkv blocks fill the GPU."""
+        return T.Cast("int32", T.max(T.min(T.int64(self.target_blocks) // (n * self.num_kv_heads),
+                                           T.int64(self.target_blocks)), T.int64(1)))
+
+    def chunk(self, length, cap):
+        """Keys per split of a context of ``length`` keys: a multiple of ``keys``, >= ``min_chunk``."""
+        splits = T.min(cap, (length + self.min_chunk - 1) // self.min_chunk)
+        per = (length + splits - 1) // splits
+        return (per + self.keys - 1) // self.keys * self.keys
+
+
+def split_plan(num_q_heads: int, num_kv_heads: int, head_dim: int, gpu: bool, **overrides) -> SplitPlan:
+    """The plan for a target: enough blocks for every SM of a large GPU, a few per core on CPUs."""
+    if head_dim % 8:
+        raise ValueError(f"KV4 attention needs head_dim % 8 == 0 (one 32-bit word per 8 codes), got {head_dim}")
+    return SplitPlan(num_kv_heads, num_q_heads // num_kv_heads, head_dim,
+                     **{"target_blocks": 1024 if gpu else 16, **overrides})
+
+
+def workspace_shape(plan: SplitPlan) -> tuple[int, int, int]:
+    """[rows, G, D + 2] float32: each split's normalised output, then its running max and denominator."""
+    return (plan.target_blocks, plan.group, plan.head_dim + 2)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                  sm_scale: float, dtype: str, gpu: bool) -> tirx.PrimFunc:
+                  sm_scale: float, dtype: str, gpu: bool, plan: SplitPlan | None = None) -> tirx.PrimFunc:
     """PrimFunc (q [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table [B, MP],
-    layer (int64 scalar), out [T, Hq, D])."""
-    half, group, threads = head_dim // 2, num_q_heads // num_kv_heads, 64
+    layer (int64 scalar), out [T, Hq, D], workspace ``workspace_shape``).
+
+    Block (t, kv head g, split s) over keys [start, end) of token t's context, G query heads at once,
+    in phases separated by barriers (on CPUs the same loops run one after another):
+      A  each thread loads one 32-bit K word and one V word of a key (V to shared, ahead of use) and
+         its (scale, min) pairs, unpacks the 8 K codes with shift-and-mask and forms G partial dots;
+      B  score[h, k] = sm_scale * log2(e) * (s_k * sum of the partial dots + lo_k * sum_d q_hd);
+      C  online softmax: per head the new running max m and correction 2^(m_old - m) (one thread
+         per head), p = 2^(score - m) (one per (head, key)), then the denominator;
+      D  acc[h, d] = acc * correction + sum_k p_k (s_k code_kd + lo_k), the V codes taken from shared;
+    then out = acc / denominator, to ``out`` when the context is one split, else to the workspace
+    with (m, denominator) for ``kv4_merge``.
+    """
+    plan = plan or split_plan(num_q_heads, num_kv_heads, head_dim, gpu)
+    half, group, lanes, keys, unroll = head_dim // 2, plan.group, plan.lanes, plan.keys, plan.unroll
+    v_split, nt, by_key = plan.v_split, THREADS, THREADS // lanes
     outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
     inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    scale = tirx.const(sm_scale, "float32")
+    shared = "shared" if gpu else "global"
+    scale = tirx.const(sm_scale * LOG2E, "float32")
+    floor = T.float32(-3.0e38)
+    # On CUDA the phases are separated by explicit barriers and the kernel goes through TVM's tirx
+    # pipeline: the s_tir pipeline's ThreadSync cannot prove a thread's read-modify-writes of its
+    # own shared elements race-free (after CSE) and refuses to place barriers inside conditions.
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_data: T.handle, var_param: T.handle, var_pos: T.handle,
-                  var_seq: T.handle, var_table: T.handle, layer: T.int64, var_out: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+                  var_seq: T.handle, var_table: T.handle, layer: T.int64, var_out: T.handle, var_ws: T.handle):
+        T.func_attr(attrs)
         n, s, b, mp = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (n, num_q_heads, head_dim), dtype)
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
@@ -132,49 +234,202 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
         token_seq = T.match_buffer(var_seq, (n,), "int32")
         table = T.match_buffer(var_table, (b, mp), "int32")
         out = T.match_buffer(var_out, (n, num_q_heads, head_dim), dtype)
-        for bx in outer((n * num_q_heads + threads - 1) // threads):
-            for tx in inner(threads):
-                acc = T.alloc_buffer((head_dim,), "float32", scope="local")
-                qf = T.alloc_buffer((head_dim,), "float32", scope="local")
-                st = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, q sum, dot
-                idx = bx * threads + tx
-                if idx < n * num_q_heads:
-                    t = idx // num_q_heads
-                    h = idx % num_q_heads
-                    kvh = h // group
-                    st[0] = T.float32(-3.0e38)
-                    st[1] = T.float32(0)
-                    st[2] = T.float32(0)
+        ws = T.match_buffer(var_ws, workspace_shape(plan), "float32")
+        words = T.decl_buffer((num_layers, 2, s, num_kv_heads, lanes), "uint32", data=data.data)
+        cap = T.meta_var(plan.splits_cap(n))
+        for bx in outer(n * num_kv_heads * cap):
+            q_sh = T.alloc_buffer((group, head_dim), "float32", scope=shared)
+            part = T.alloc_buffer((group, keys, lanes), "float32", scope=shared)
+            v_sh = T.alloc_buffer((keys, lanes), "uint32", scope=shared)
+            pair = T.alloc_buffer((keys, 4), "float32", scope=shared)  # K scale, K min, V scale, V min
+            score = T.alloc_buffer((group, keys), "float32", scope=shared)
+            prob = T.alloc_buffer((group, keys), "float32", scope=shared)
+            state = T.alloc_buffer((group, 4), "float32", scope=shared)  # max, denominator, correction, q sum
+            acc = T.alloc_buffer((v_split, group, head_dim), "float32", scope=shared)
+            t = T.Cast("int32", bx) // (num_kv_heads * cap)  # index math in 32 bits, slots in 64
+            g = T.Cast("int32", bx) // cap % num_kv_heads
+            split = T.Cast("int32", bx) % cap
+            length = positions[t] + 1
+            chunk = plan.chunk(length, cap)
+            start = split * chunk
+            end = T.min(length, start + chunk)
+            seq = token_seq[t]
+            for tx in inner(nt):
+                for r in range(_ceil(group * head_dim, nt)):
+                    if r * nt + tx < group * head_dim:
+                        q_sh[(r * nt + tx) // head_dim, (r * nt + tx) % head_dim] = T.Cast(
+                            "float32", q[t, g * group + (r * nt + tx) // head_dim, (r * nt + tx) % head_dim])
+                for r in range(_ceil(v_split * group * head_dim, nt)):
+                    if r * nt + tx < v_split * group * head_dim:
+                        acc[(r * nt + tx) // (group * head_dim), (r * nt + tx) // head_dim % group,
+                            (r * nt + tx) % head_dim] = T.float32(0)
+            for tx in inner(nt):
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                if tx < group:
+                    qsum = T.alloc_buffer((1,), "float32", scope="local")
+                    qsum[0] = T.float32(0)
                     for d in range(head_dim):
-                        qf[d] = T.Cast("float32", q[t, h, d])
-                        st[2] = st[2] + qf[d]
-                        acc[d] = T.float32(0)
-                    for j in range(T.Cast("int64", positions[t]) + 1):
-                        slot = T.Cast("int64", table[T.Cast("int64", token_seq[t]), j // page_size]) * page_size \
-                            + j % page_size
-                        st[3] = T.float32(0)
-                        for d in range(half):
-                            byte = data[layer, 0, slot, kvh, d]
-                            st[3] = st[3] + qf[2 * d] * T.Cast("float32", byte & T.uint8(15)) \
-                                + qf[2 * d + 1] * T.Cast("float32", byte >> T.uint8(4))
-                        score = scale * (T.Cast("float32", param[layer, 0, slot, kvh, 0]) * st[3]
-                                         + T.Cast("float32", param[layer, 0, slot, kvh, 1]) * st[2])
-                        m_new = T.max(st[0], score)
-                        corr = T.exp(st[0] - m_new)
-                        e = T.exp(score - m_new)
-                        st[1] = st[1] * corr + e
-                        st[0] = m_new
-                        sv = T.Cast("float32", param[layer, 1, slot, kvh, 0])
-                        lv = T.Cast("float32", param[layer, 1, slot, kvh, 1])
-                        for d in range(half):
-                            byte = data[layer, 1, slot, kvh, d]
-                            acc[2 * d] = acc[2 * d] * corr + e * (T.Cast("float32", byte & T.uint8(15)) * sv + lv)
-                            acc[2 * d + 1] = acc[2 * d + 1] * corr + e * (T.Cast("float32", byte >> T.uint8(4)) * sv
-                                                                          + lv)
-                    for d in range(head_dim):
-                        out[t, h, d] = T.Cast(dtype, acc[d] / st[1])
+                        qsum[0] = qsum[0] + q_sh[tx, d]
+                    state[tx, 0] = floor
+                    state[tx, 1] = T.float32(0)
+                    state[tx, 3] = qsum[0]
+            for it in range((T.max(end - start, 0) + keys - 1) // keys):  # none past the context
+                for tx in inner(nt):  # A
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    codes = T.alloc_buffer((8,), "float32", scope="local")
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    for u in range(unroll):
+                        if start + it * keys + u * by_key + tx // lanes < end:
+                            j = start + it * keys + u * by_key + tx // lanes
+                            slot = T.Cast("int64", table[seq, j // page_size]) * page_size + j % page_size
+                            v_sh[u * by_key + tx // lanes, tx % lanes] = words[layer, 1, slot, g, tx % lanes]
+                            if tx % lanes == 0:
+                                for i in range(4):
+                                    pair[u * by_key + tx // lanes, i] = T.Cast(
+                                        "float32", param[layer, i // 2, slot, g, i % 2])
+                            for e in range(8):
+                                codes[e] = T.Cast("float32", (words[layer, 0, slot, g, tx % lanes]
+                                                              >> T.uint32(4 * e)) & T.uint32(15))
+                            for h in range(group):
+                                dot[0] = T.float32(0)
+                                for e in range(8):
+                                    dot[0] = dot[0] + q_sh[h, tx % lanes * 8 + e] * codes[e]
+                                part[h, u * by_key + tx // lanes, tx % lanes] = dot[0]
+                for tx in inner(nt):  # B
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    for r in range(_ceil(group * keys, nt)):
+                        if r * nt + tx < group * keys:
+                            if start + it * keys + (r * nt + tx) % keys < end:
+                                dot[0] = T.float32(0)
+                                for l in range(lanes):
+                                    dot[0] = dot[0] + part[(r * nt + tx) // keys, (r * nt + tx) % keys, l]
+                                score[(r * nt + tx) // keys, (r * nt + tx) % keys] = scale * (
+                                    pair[(r * nt + tx) % keys, 0] * dot[0]
+                                    + pair[(r * nt + tx) % keys, 1] * state[(r * nt + tx) // keys, 3])
+                            else:
+                                score[(r * nt + tx) // keys, (r * nt + tx) % keys] = floor
+                for tx in inner(nt):  # C1: new running max per head, and the correction
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    mx = T.alloc_buffer((1,), "float32", scope="local")
+                    if tx < group:
+                        mx[0] = state[tx, 0]
+                        for k in range(keys):
+                            mx[0] = T.max(mx[0], score[tx, k])
+                        state[tx, 2] = T.exp2(state[tx, 0] - mx[0])
+                        state[tx, 0] = mx[0]
+                for tx in inner(nt):  # C2: p = 2^(score - m), one thread per (head, key)
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    for r in range(_ceil(group * keys, nt)):
+                        if r * nt + tx < group * keys:
+                            prob[(r * nt + tx) // keys, (r * nt + tx) % keys] = T.exp2(
+                                score[(r * nt + tx) // keys, (r * nt + tx) % keys] - state[(r * nt + tx) // keys, 0])
+                for tx in inner(nt):  # C3: denominator per head
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    if tx < group:
+                        total[0] = T.float32(0)
+                        for k in range(keys):
+                            total[0] = total[0] + prob[tx, k]
+                        state[tx, 1] = state[tx, 1] * state[tx, 2] + total[0]
+                for tx in inner(nt):  # D
+                    if gpu:
+                        T.tvm_storage_sync("shared")
+                    a = T.alloc_buffer((8,), "float32", scope="local")
+                    pv = T.alloc_buffer((2,), "float32", scope="local")  # p * V scale, p * V min
+                    for r in range(_ceil(v_split * group * lanes, nt)):
+                        if r * nt + tx < v_split * group * lanes:
+                            for e in range(8):
+                                a[e] = T.float32(0)
+                            for kk in range(_ceil(keys, v_split)):
+                                if kk * v_split + (r * nt + tx) // (group * lanes) < keys:
+                                    if start + it * keys + kk * v_split + (r * nt + tx) // (group * lanes) < end:
+                                        pv[0] = prob[(r * nt + tx) // lanes % group,
+                                                      kk * v_split + (r * nt + tx) // (group * lanes)] \
+                                            * pair[kk * v_split + (r * nt + tx) // (group * lanes), 2]
+                                        pv[1] = prob[(r * nt + tx) // lanes % group,
+                                                      kk * v_split + (r * nt + tx) // (group * lanes)] \
+                                            * pair[kk * v_split + (r * nt + tx) // (group * lanes), 3]
+                                        for e in range(8):
+                                            a[e] = a[e] + pv[0] * T.Cast("float32", (
+                                                v_sh[kk * v_split + (r * nt + tx) // (group * lanes),
+                                                     (r * nt + tx) % lanes] >> T.uint32(4 * e)) & T.uint32(15)) \
+                                                + pv[1]
+                            for e in range(8):
+                                acc[(r * nt + tx) // (group * lanes), (r * nt + tx) // lanes % group,
+                                    (r * nt + tx) % lanes * 8 + e] = \
+                                    acc[(r * nt + tx) // (group * lanes), (r * nt + tx) // lanes % group,
+                                        (r * nt + tx) % lanes * 8 + e] \
+                                    * state[(r * nt + tx) // lanes % group, 2] + a[e]
+            for tx in inner(nt):  # out = acc / denominator
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                total = T.alloc_buffer((1,), "float32", scope="local")
+                for r in range(_ceil(group * head_dim, nt)):
+                    if r * nt + tx < group * head_dim and start < length:
+                        total[0] = T.float32(0)
+                        for i in range(v_split):
+                            total[0] = total[0] + acc[i, (r * nt + tx) // head_dim, (r * nt + tx) % head_dim]
+                        if chunk >= length:
+                            out[t, g * group + (r * nt + tx) // head_dim, (r * nt + tx) % head_dim] = T.Cast(
+                                dtype, total[0] / state[(r * nt + tx) // head_dim, 1])
+                        else:
+                            ws[(t * num_kv_heads + g) * cap + split, (r * nt + tx) // head_dim,
+                               (r * nt + tx) % head_dim] = total[0] / state[(r * nt + tx) // head_dim, 1]
+                            if (r * nt + tx) % head_dim == 0:
+                                ws[(t * num_kv_heads + g) * cap + split, (r * nt + tx) // head_dim,
+                                   head_dim] = state[(r * nt + tx) // head_dim, 0]
+                                ws[(t * num_kv_heads + g) * cap + split, (r * nt + tx) // head_dim,
+                                   head_dim + 1] = state[(r * nt + tx) // head_dim, 1]
 
     return attention
+
+
+def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gpu: bool,
+              plan: SplitPlan | None = None) -> tirx.PrimFunc:
+    """In place on out [T, Hq, D]: for tokens whose context ``kv4_attention`` split into S > 1 parts
+    with outputs o_s, running maxima m_s (log2 domain) and denominators l_s,
+        out = sum_s 2^(m_s - M) l_s o_s / sum_s 2^(m_s - M) l_s,   M = max_s m_s.
+    PrimFunc (out, workspace, positions [T])."""
+    plan = plan or split_plan(num_q_heads, num_kv_heads, head_dim, gpu)
+    group = plan.group
+    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
+    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+
+    @T.prim_func(private=True)
+    def merge(var_out: T.handle, var_ws: T.handle, var_pos: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n = T.int64()
+        out = T.match_buffer(var_out, (n, num_q_heads, head_dim), dtype)
+        ws = T.match_buffer(var_ws, workspace_shape(plan), "float32")
+        positions = T.match_buffer(var_pos, (n,), "int32")
+        cap = T.meta_var(plan.splits_cap(n))
+        for bx in outer(n * num_q_heads):
+            for d in inner(head_dim):
+                st = T.alloc_buffer((3,), "float32", scope="local")  # M, denominator, numerator
+                length = positions[bx // num_q_heads] + 1
+                chunk = plan.chunk(length, cap)
+                row = (bx // num_q_heads * num_kv_heads + bx % num_q_heads // group) * cap
+                if chunk < length:
+                    st[0] = T.float32(-3.0e38)
+                    for i in range((length + chunk - 1) // chunk):
+                        st[0] = T.max(st[0], ws[row + i, bx % group, head_dim])
+                    st[1] = T.float32(0)
+                    st[2] = T.float32(0)
+                    for i in range((length + chunk - 1) // chunk):
+                        st[1] = st[1] + ws[row + i, bx % group, head_dim + 1] \
+                            * T.exp2(ws[row + i, bx % group, head_dim] - st[0])
+                        st[2] = st[2] + ws[row + i, bx % group, d] * ws[row + i, bx % group, head_dim + 1] \
+                            * T.exp2(ws[row + i, bx % group, head_dim] - st[0])
+                    out[bx // num_q_heads, bx % num_q_heads, d] = T.Cast(dtype, st[2] / st[1])
+
+    return merge
 
 
 def reference(q: np.ndarray, k_hist: list[np.ndarray], v_hist: list[np.ndarray], sm_scale: float) -> np.ndarray:

@@ -27,8 +27,8 @@ TINY_MODELS = {
                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 64})),
-    # GQA 8:2, untied, sliding window longer than the context
-    "mistral": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12,
+    # GQA 8:2, untied, head_dim (16) != hidden / heads (12), sliding window longer than the context
+    "mistral": ("MistralConfig", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                                       tie_word_embeddings=False, sliding_window=4096)),
     # MHA 6:6 would be trivial: GQA 6:2 with QKV bias, tied embeddings, large rope_theta
     "qwen2": ("Qwen2Config", dict(num_attention_heads=6, num_key_value_heads=2,

@@ -79,6 +79,15 @@ def test_qwen2_sliding_window_rejected(capsys, tmp_path, tiny_dirs):
     check_compile_fails(capsys, tmp_path, d, "sliding window")
 
 
+def test_kv4_needs_head_dim_multiple_of_8(capsys, tmp_path, tiny_dirs):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["head_dim"] = 12
+    (d / "config.json").write_text(json.dumps(cfg))
+    check_compile_fails(capsys, tmp_path, d, "head_dim must be a multiple of 8", "--quant", "rtn-w4a8kv4")
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--target", "vulkan"), "invalid target 'vulkan'"),
     (("--target", "cuda", "--arch", "sm_70"), "invalid CUDA arch 'sm_70'"),

@@ -89,11 +89,28 @@ def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
     v_hat = qref.kv4_dequantize(*qref.kv4_quantize(v))
     q = rng.standard_normal((n, hq, d)).astype("float32")
     sm = d ** -0.5
-    out = _t(np.zeros((n, hq, d), "float32"))
-    _build(ka.kv4_attention(layers, hq, hkv, d, page, sm, "float32", gpu=False))(
-        _t(q), cache[0], cache[1], _t(pos), _t(seq), _t(table), layer, out)
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]])[seq]  # each token's sequence start row
     hist = [slice(first[t], first[t] + pos[t] + 1) for t in range(n)]
     ref = ka.reference(q, [k_hat[h] for h in hist], [v_hat[h] for h in hist], sm)
-    got = out.numpy()
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    # the CPU plan (contexts split only for few tokens), then the GPU plan with the smallest splits:
+    # every context longer than one step of keys is cut into parts that kv4_merge combines
+    for plan in (ka.split_plan(hq, hkv, d, gpu=False),
+                 ka.split_plan(hq, hkv, d, gpu=True, min_chunk=ka.split_plan(hq, hkv, d, gpu=True).keys)):
+        got = attend(q, cache, pos, seq, table, layer, page, sm, plan)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, plan
+        # decode: one query per sequence (its last position) — few blocks, so long contexts split
+        last = np.cumsum(lengths) - 1
+        got = attend(q[last], cache, pos[last], seq[last], table, layer, page, sm, plan)
+        assert np.linalg.norm(got - ref[last]) / np.linalg.norm(ref[last]) < 1e-5, plan
+
+
+def attend(q, cache, pos, seq, table, layer, page, sm, plan):
+    """kv4_attention then kv4_merge on CPU with ``plan``."""
+    n, hq, d = q.shape
+    num_layers, hkv = cache[0].shape[0], plan.num_kv_heads
+    out = _t(np.full((n, hq, d), np.nan, "float32"))  # every element must be written
+    ws = _t(np.full(ka.workspace_shape(plan), np.nan, "float32"))
+    _build(ka.kv4_attention(num_layers, hq, hkv, d, page, sm, "float32", gpu=False, plan=plan))(
+        _t(q), cache[0], cache[1], _t(pos), _t(seq), _t(table), layer, out, ws)
+    _build(ka.kv4_merge(hq, hkv, d, "float32", gpu=False, plan=plan))(out, ws, _t(pos))
+    return out.numpy()

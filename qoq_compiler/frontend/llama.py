@@ -209,11 +209,16 @@ class KV4Cache:
                          self.dtype, self.gpu), "kv4_append",
             [self.data, self.param, x, self.positions, self.slots, layer], inplace_indices=[0, 1],
             out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
-        out = op.tensor_ir_op(
+        plan = k.kv4_split_plan(num_heads, cfg.num_kv_heads, d, self.gpu)
+        out, workspace = op.tensor_ir_op(
             k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, sm_scale,
-                            self.dtype, self.gpu), "kv4_attention",
+                            self.dtype, self.gpu, plan), "kv4_attention",
             [q, self.data, self.param, self.positions, self.token_seq, self.page_table, layer],
-            out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
+            out=[Tensor.placeholder((b * t, num_heads, d), self.dtype),
+                 Tensor.placeholder(k.kv4_workspace_shape(plan), "float32")])
+        out = op.tensor_ir_inplace_op(
+            k.kv4_merge(num_heads, cfg.num_kv_heads, d, self.dtype, self.gpu, plan), "kv4_merge",
+            [out, workspace, self.positions], inplace_indices=[0], out=Tensor.placeholder(out.shape, self.dtype))
         return op.reshape(out, (b, t, num_heads, d))
 
 
