@@ -14,8 +14,8 @@ device-to-device copy measured in the same run. Combinations whose fp16 K/V woul
 
 ``--cpu-check`` needs no GPU: the kernel tests on CPU (tests/test_kv4_attention.py: head_dim 64 and
 128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64) and nvcc
-compiles of the CUDA append, split attention and merge kernels, which must not spill registers.
-Non-zero exit on any failure.
+compiles of the CUDA append, split attention and merge kernels for sm_80 and sm_90 at the head
+shapes of ``MODELS``, none of which may spill registers. Non-zero exit on any failure.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ from schedules import nvcc  # noqa: E402
 from bench.common import Checks, cuda_median_us, emit_table  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
+MODELS = {"Llama-3-8B": (HQ, HKV, D), "Llama-2-7B": (32, 32, 128), "Qwen2.5-7B": (28, 4, 128),
+          "Qwen2.5-0.5B": (14, 2, 64), "SmolLM2-135M": (9, 3, 64)}  # (query heads, kv heads, head_dim)
 
 
-def _cuda_kernels(arch: str, layers: int = 1):
+def _cuda_kernels(arch: str, hq: int = HQ, hkv: int = HKV, d: int = D, layers: int = 1):
     """The KV4 append (RoPE + quantize + write), split attention and merge kernels for CUDA as one module."""
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    funcs = {"append": ka.kv4_append(layers, HQ, HKV, D, 10000.0, {}, "float16", gpu=True),
-             "attention": ka.kv4_attention(layers, HQ, HKV, D, PAGE, D ** -0.5, "float16", gpu=True),
-             "merge": ka.kv4_merge(HQ, HKV, D, "float16", gpu=True)}
+    funcs = {"append": ka.kv4_append(layers, hq, hkv, d, 10000.0, {}, "float16", gpu=True),
+             "attention": ka.kv4_attention(layers, hq, hkv, d, PAGE, d ** -0.5, "float16", gpu=True),
+             "merge": ka.kv4_merge(hq, hkv, d, "float16", gpu=True)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:
         mod = schedules.schedule(target)(mod)  # the model pipeline's rules
@@ -63,15 +65,17 @@ def cpu_check() -> int:
         check(False, "nvcc on PATH")
         return check.exit_status()
     for arch in ("sm_80", "sm_90"):
-        try:
-            report = nvcc.ptxas_report(nvcc.cuda_source(_cuda_kernels(arch)), arch)
-        except Exception as e:  # noqa: BLE001  (any failure to build is a failed check)
-            check(False, f"{arch}: {e}")
-            continue
-        check(True, f"{arch}: {len(report)} kernels compile with nvcc "
-                    f"({', '.join(f'{r.name} {r.registers} regs, {r.shared_bytes} B smem' for r in report)})")
-        spilling = [r.name for r in report if r.spill_stores or r.spill_loads]
-        check(not spilling, f"{arch}: no register spills" + (f" (spilling: {', '.join(spilling)})" if spilling else ""))
+        for model, heads in MODELS.items():
+            where = f"{arch} {model} {heads[0]}/{heads[1]} heads, head_dim {heads[2]}"
+            try:
+                report = nvcc.ptxas_report(nvcc.cuda_source(_cuda_kernels(arch, *heads)), arch)
+            except Exception as e:  # noqa: BLE001  (any failure to build is a failed check)
+                check(False, f"{where}: {e}")
+                continue
+            spilling = [r.name for r in report if r.spill_stores or r.spill_loads]
+            check(not spilling, f"{where}: {len(report)} kernels compile with nvcc, "
+                                + ("no spills" if not spilling else f"spilling: {', '.join(spilling)}")
+                                + f" ({', '.join(f'{r.name} {r.registers} regs, {r.shared_bytes} B smem' for r in report)})")
     return check.exit_status()
 
 

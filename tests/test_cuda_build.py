@@ -22,12 +22,9 @@ def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, tiny_dirs, tmp
     assert "__global__" in src
     kernels = nvcc.ptxas_report(src, "sm_90")  # raises with nvcc's message if it rejects the source
     if quant.endswith("w4a8kv4"):
-        # the W4A8 linears run on the tensor-core GEMM, without spills
+        # the W4A8 linears run on the tensor-core GEMM and the KV4 cache on its own kernels, without spills
         assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in src
         gemms = [k for k in kernels if k.name.startswith("w4a8_gemm")]
-        assert gemms and not [k for k in gemms if k.spill_stores or k.spill_loads]
-        # the KV4 kernels: ptxas may trade a register or two for occupancy (seen: 8 B for some head
-        # shapes at 48 registers), never more
         kv4 = {k.name: k for k in kernels if k.name.startswith("kv4_")}
-        assert {"kv4_append_kernel", "kv4_attention_kernel", "kv4_merge_kernel"} <= set(kv4)
-        assert all(k.spill_stores <= 16 for k in kv4.values()), kv4
+        assert gemms and {"kv4_append_kernel", "kv4_attention_kernel", "kv4_merge_kernel"} <= set(kv4)
+        assert not [k for k in gemms + list(kv4.values()) if k.spill_stores or k.spill_loads], kernels
