@@ -95,7 +95,10 @@ class Scheduler:
     def step(self) -> list[int]:
         """One iteration (admit, decode, prefill chunk); returns the ids of requests finished by it."""
         finished: list[int] = []
-        while not self._advance(finished) and len(self.running) > 1:
+        while not self._advance(finished):
+            if len(self.running) < 2:  # a request alone always fits (its context is capped by the cache)
+                raise QoqcError(f"scheduler stalled: {len(self.running)} running request(s) cannot advance "
+                                f"in a KV cache of {self.engine.cache_tokens} tokens")
             self._preempt(self.running[-1])  # partly fed prompts fill the cache: make room
         return finished
 
@@ -114,7 +117,7 @@ class Scheduler:
                 self._take(x, row, finished)
         feeding, budget, grow = [], self.prefill_chunk_size, {}
         for x in self.running:
-            if budget == 0 or x.req.finish is not None or x in decoders:
+            if budget == 0 or x in decoders:
                 continue
             take = min(x.pending, budget)
             if take and self._fits({**grow, id(x): take}):
