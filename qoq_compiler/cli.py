@@ -1,4 +1,4 @@
-"""The ``qoqc`` command line: ``compile``, ``chat`` and ``eval``.
+"""The ``qoqc`` command line: ``compile``, ``chat``, ``eval`` and ``bench``.
 
 Every ``QoqcError`` (bad model, target, artifact, prompt) is printed as one line
 ``qoqc: error: ...`` with exit status 2; no traceback for input the user can fix.
@@ -58,6 +58,31 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quant", default="fp16", help="when compiling a model first: the quantization scheme")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _pass_options(ev)
+
+    b = sub.add_parser("bench", help="serving throughput (QServe's protocol) or batch-1 latency of an artifact",
+                       description="Throughput: BATCH sequences of --input-len random tokens each generate "
+                       "--output-len tokens, prefill included in the time, after warm-up rounds; BATCH is the "
+                       "largest that fits the KV memory (at most 256) unless --batch is given. The last line "
+                       "states tokens/s.")
+    b.add_argument("artifact", nargs="?", default=None, help="artifact directory written by 'qoqc compile'")
+    b.add_argument("--config-only", metavar="CONFIG.json", default=None,
+                   help="instead of an artifact: compile a random-weight model of this Hugging Face config "
+                        "(speed does not depend on the weights; calibration passes are skipped)")
+    b.add_argument("--target", default="llvm", help="--config-only: llvm or cuda (default: llvm)")
+    b.add_argument("--arch", default=None, help="--config-only: the target's arch, as for compile")
+    b.add_argument("--quant", default="fp16", help=f"--config-only: {', '.join(QUANT_SCHEMES)} (default: fp16)")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's target)")
+    b.add_argument("--input-len", type=int, default=1024, help="prompt tokens per sequence (default: 1024)")
+    b.add_argument("--output-len", type=int, default=512, help="generated tokens per sequence (default: 512)")
+    b.add_argument("--batch", type=int, default=None, help="sequences served together (default: the most that fit)")
+    b.add_argument("--kv-memory", default=None,
+                   help="KV-cache budget: bytes (40GiB) or a fraction of the free memory beside the weights "
+                        "(default: 0.9 on cuda, 4GiB on cpu)")
+    b.add_argument("--latency", action="store_true", help="batch 1: time to first token and decode tokens/s")
+    b.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 2; latency: 1)")
+    b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 1; latency: 3)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -132,6 +157,52 @@ def _evaluate(args) -> None:
     print(f"perplexity: {r.perplexity:.4f}")
 
 
+def _bench(args) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from .runtime import bench
+    from .runtime.artifact import read_manifest
+
+    if (args.artifact is None) == (args.config_only is None):
+        raise QoqcError("give either an ARTIFACT or --config-only CONFIG.json")
+    for name in ("warmup", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
+            raise QoqcError(f"--{name} must be at least {0 if name == 'warmup' else 1}")
+    with tempfile.TemporaryDirectory(prefix="qoqc-bench-") as tmp:
+        if args.config_only is not None:
+            from .compiler import compile as compile_model
+            from .frontend.synthetic import write_random_checkpoint
+
+            if args.quant not in QUANT_SCHEMES:
+                raise QoqcError(f"invalid quant scheme {args.quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
+            scheme = replace(QUANT_SCHEMES[args.quant], passes=None)
+            model = write_random_checkpoint(args.config_only, Path(tmp) / "model", args.seed, not args.quiet)
+            art = compile_model(model, target=args.target, quant=scheme, output=Path(tmp) / "artifact",
+                                arch=args.arch, progress=not args.quiet)
+        else:
+            art = Path(args.artifact)
+        manifest = read_manifest(art, verify=False)
+        device = args.device or ("cuda" if manifest["target"]["kind"] == "cuda" else "cpu")
+        source = f"{args.config_only} (random weights)" if args.config_only else manifest.get("source", art)
+        what = f"{source} {manifest.get('quant', '')} on {device}"
+        if args.latency:
+            r = bench.latency(art, device, args.input_len, args.output_len,
+                              1 if args.warmup is None else args.warmup, args.repeats or 3, args.seed,
+                              not args.quiet)
+            print(f"{what}: batch 1, {r.input_len} tokens in, {r.output_len} out")
+            print(f"time to first token: {r.ttft_seconds * 1e3:.1f} ms")
+            print(f"decode: {r.decode_tokens_per_s:.1f} tokens/s")
+        else:
+            r = bench.throughput(art, device, args.input_len, args.output_len, args.batch, args.kv_memory,
+                                 2 if args.warmup is None else args.warmup, args.repeats or 1, args.seed,
+                                 not args.quiet)
+            print(f"{what}: batch {r.batch}, {r.input_len} tokens in, {r.output_len} out, "
+                  f"KV cache {r.cache_tokens} tokens")
+            print(f"prefill {r.prefill_seconds:.3f} s, decode {r.decode_seconds:.3f} s")
+            print(f"throughput: {r.tokens_per_s:.1f} tokens/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -144,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             print(out)
         elif args.command == "eval":
             _evaluate(args)
+        elif args.command == "bench":
+            _bench(args)
         else:
             from .runtime.chat import run_chat
 

@@ -141,7 +141,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         if scheme.kv == "int4":
             model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size)
         else:
-            model = LlamaForCausalLM(cfg, scheme.dtype, tgt)
+            model = LlamaForCausalLM(cfg, scheme.dtype, tgt, kernels)
         model = QuantizeLinears(scheme, kernels).visit("", model)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]

@@ -6,7 +6,8 @@ legalized loops (``dlight.cpu.GEMV`` is left out: it stalls LLVM codegen for min
 shapes). Functions already scheduled (the KV-cache kernels, the tensor-core GEMM, tagged
 ``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
 
-``kernels_for(target)`` is what the model's quantized layers emit: TE compute definitions on every
+``kernels_for(target)`` is what the model's quantized layers emit: TE compute definitions and
+hand-written PrimFuncs (activation quantization, KV4; ``gpu`` picks their CUDA form) on every
 target, plus the hand-written tensor-core W4A8 GEMM on CUDA. That kernel is TVMScript written
 against PTX (``T.ptx``); it must be lowered by TVM's ``tirx`` pipeline, which keeps its explicit
 shared buffers as declared (the default ``s_tir`` pipeline compacts buffers only addressed through
@@ -18,20 +19,19 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 import tvm
-from tvm import tirx
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from . import kv4_attention, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
+from . import act_quant, argmax, kv4_attention, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
 
-#: Compute definitions that the model's quantized layers emit (handed to the frontend by the compiler).
-kernels = SimpleNamespace(quantize_per_token=w8a8_gemm.quantize_per_token, w8a8_matmul=w8a8_gemm.w8a8_matmul,
-                          w4a8_matmul=w4a8_gemm.w4a8_matmul, w4a8_tensor_core=None,
-                          token_sum=w4a8_gemm.token_sum, rope_q=kv4_attention.rope_q,
-                          kv4_append=kv4_attention.kv4_append, kv4_attention=kv4_attention.kv4_attention,
-                          kv4_merge=kv4_attention.kv4_merge, kv4_split_plan=kv4_attention.split_plan,
-                          kv4_workspace_shape=kv4_attention.workspace_shape)
+#: Compute definitions and kernels that the model emits (handed to the frontend by the compiler).
+kernels = SimpleNamespace(gpu=False, act_quant=act_quant.act_quant, argmax=argmax.argmax,
+                          w8a8_matmul=w8a8_gemm.w8a8_matmul, w4a8_matmul=w4a8_gemm.w4a8_matmul,
+                          w4a8_tensor_core=None, rope_q=kv4_attention.rope_q, kv4_append=kv4_attention.kv4_append,
+                          kv4_attention=kv4_attention.kv4_attention, kv4_merge=kv4_attention.kv4_merge,
+                          kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape)
 
 
 def kernels_for(target) -> SimpleNamespace:
@@ -44,7 +44,7 @@ def kernels_for(target) -> SimpleNamespace:
     def tensor_core(n: int, k: int, group: int | None):
         return w4a8_gemm_tc.tensor_core_gemm(n, k, group) if w4a8_gemm_tc.supports_tensor_cores(n, k, group) else None
 
-    return SimpleNamespace(**{**vars(kernels), "w4a8_tensor_core": tensor_core})
+    return SimpleNamespace(**{**vars(kernels), "gpu": True, "w4a8_tensor_core": tensor_core})
 
 
 TIR_PIPELINE = "qoqc"
@@ -63,11 +63,21 @@ def _tir_pipeline():
             return s_tir_pass(mod)
         rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in tagged}, attrs=mod.attrs)
         out = s_tir_pass(rest)
+        tagged = {gv: _without_root_block(f) for gv, f in tagged.items()}
         for gv, f in tirx_pass(tvm.IRModule(tagged, attrs=mod.attrs)).functions.items():
             out[gv] = f
         return out
 
     return lower, finalize_host, finalize_device
+
+
+def _without_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The body of an empty root block (no buffers, no iterators) lifted out: the tirx lowering has
+    no block support, and such a block only serves Relax's analyses (``act_quant``)."""
+    body = func.body
+    if isinstance(body, s_tir.SBlockRealize) and not body.block.iter_vars and not body.block.alloc_buffers:
+        return func.with_body(body.block.body)
+    return func
 
 
 tirx.register_tir_pipeline(TIR_PIPELINE, _tir_pipeline)

@@ -8,7 +8,7 @@ the reduction runs over K and the output over N.
 
 Per-channel (QoQ gchn; W_hat[n, k] = q[n, k] * s1[n] - z[n], the zero in weight units):
     psum[m, n] = sum_k qx[m, k] * q[n, k]                      int8 x uint4 -> int32
-    xsum[m]    = sum_k qx[m, k]                                int32 (``token_sum``, an input)
+    xsum[m]    = sum_k qx[m, k]                                int32 (an input, from ``act_quant``)
     y[m, n]    = psum * sx[m] * s1[n] - z[n] * sx[m] * xsum[m]
 the zero point leaves the main loop and costs one multiply-add per output (QServe's epilogue).
 
@@ -80,13 +80,6 @@ def _epilogue(psum, sx, s1, extra, group, out_dtype):
     return te.compute(psum.shape, lambda *i: (
         scaled(*i) - z[i[-1]].astype("float32") * sx[(*i[:-1], 0)].astype("float32")
         * xsum[(*i[:-1], 0)].astype("float32")).astype(out_dtype), name="y")
-
-
-def token_sum(qx: te.Tensor) -> te.Tensor:
-    """xsum [..., 1] int32 = sum_k qx[..., k]: the per-channel epilogue's zero-point term."""
-    *lead, k = qx.shape
-    r = te.reduce_axis((0, k), name="k")
-    return te.compute((*lead, 1), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32"), axis=r), name="xsum")
 
 
 def w4a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, s1: te.Tensor, *extra: te.Tensor,

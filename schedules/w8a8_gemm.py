@@ -5,30 +5,16 @@
     psum[t, n] = sum_k qx[t, k] * qw[n, k]                     int8 x int8 -> int32 (exact)
     y[t, n]    = psum[t, n] * sx[t] * sw[n]                    fp32 epilogue (sw: fp16 per output channel)
 
-Weights are quantized offline (``quant.reference.quantize_per_token`` on W's rows gives qw, sw).
-The compute is written in TE over a token axis of any rank, so the model emits it as is and the
-target's schedule rules pick it up (on CPU, ``cpu_matmul``'s k-innermost reduction rule).
+Weights are quantized offline (``quant.reference.quantize_per_token`` on W's rows gives qw, sw),
+activations by the kernel that produces them (``act_quant``). The GEMM is written in TE over a
+token axis of any rank, so the model emits it as is and the target's schedule rules pick it up
+(on CPU, ``cpu_matmul``'s k-innermost reduction rule).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from tvm import te, tirx
-
-
-def quantize_per_token(x: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
-    """x [..., K] float -> (qx int8 [..., K], sx fp16 [..., 1])."""
-    *lead, k = x.shape
-    r = te.reduce_axis((0, k), name="k")
-    amax = te.compute((*lead, 1), lambda *i: te.max(te.abs(x[(*i[:-1], r)].astype("float32")), axis=r), name="amax")
-    sx = te.compute((*lead, 1), lambda *i: (te.max(amax[i], tirx.const(1e-4, "float32")) / 127.0).astype("float16"),
-                    name="sx")
-
-    def quant(*i):
-        v = te.round(x[i].astype("float32") / sx[(*i[:-1], 0)].astype("float32"))
-        return te.min(te.max(v, tirx.const(-127.0, "float32")), tirx.const(127.0, "float32")).astype("int8")
-
-    return te.compute(x.shape, quant, name="qx"), sx
+from tvm import te
 
 
 def w8a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, sw: te.Tensor) -> te.Tensor:

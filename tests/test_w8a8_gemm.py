@@ -1,4 +1,5 @@
-"""W8A8 linear compute: the compiled TE equals NumPy bit for bit; each stage takes the CPU schedule rule."""
+"""W8A8 linear: activation quantization (``act_quant``) and the GEMM compiled for llvm equal NumPy
+bit for bit; the GEMM takes the CPU schedule rule."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from tvm import te, tirx
 
 from qoq_compiler.quant import reference as qref
 from qoq_compiler.tvm_env import tvm
-from schedules import w8a8_gemm
+from schedules import act_quant, w8a8_gemm
 from schedules.cpu_matmul import CPUReduction
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -16,9 +17,7 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_
 
 def _funcs(k, n):
     m = tirx.Var("m", "int64")
-    x = te.placeholder((1, m, k), "float16", name="x")
-    qx, sx = w8a8_gemm.quantize_per_token(x)
-    quant = te.create_prim_func([x, qx, sx])
+    quant = act_quant.act_quant("quantize", k, "float16", gpu=False)
     qx_in = te.placeholder((1, m, k), "int8", name="qx_in")
     sx_in = te.placeholder((1, m, 1), "float16", name="sx_in")
     qw = te.placeholder((n, k), "int8", name="qw")
@@ -30,25 +29,25 @@ def _funcs(k, n):
 @pytest.mark.parametrize("m,k,n", [(1, 96, 40), (9, 576, 192), (4, 172, 12)])
 def test_w8a8_matches_numpy_exactly(m, k, n):
     quant, matmul = _funcs(k, n)
-    rule = CPUReduction()
-    libs = []
-    for f in (quant, matmul):
-        sch = rule.apply(f, TARGET, False)
-        assert sch is not None  # both stages are single-reduction functions the CPU rule schedules
-        libs.append(tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=TARGET))
+    sch = CPUReduction().apply(matmul, TARGET, False)
+    assert sch is not None  # the GEMM is a single-reduction function the CPU rule schedules
+    libs = [tvm.compile(tvm.IRModule({"main": f}), target=TARGET)
+            for f in (quant.with_attr("global_symbol", "main"), sch.mod["main"])]
     rng = np.random.default_rng(k)
     x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 8, size=(1, m, 1))).astype("float16")
     qw, sw = qref.quantize_per_token(rng.standard_normal((n, k)) * 0.05)
     sw = sw[:, 0]
     qx = tvm.runtime.tensor(np.zeros((1, m, k), "int8"))
     sx = tvm.runtime.tensor(np.zeros((1, m, 1), "float16"))
+    xsum = tvm.runtime.tensor(np.zeros((1, m, 1), "int32"))
     y = tvm.runtime.tensor(np.zeros((1, m, n), "float32"))
-    libs[0]["main"](tvm.runtime.tensor(x), qx, sx)
+    libs[0]["main"](tvm.runtime.tensor(x), qx, sx, xsum)
     libs[1]["main"](qx, sx, tvm.runtime.tensor(qw), tvm.runtime.tensor(sw), y)
     psum_ref, y_ref = w8a8_gemm.reference(x, qw, sw)
     assert (y.numpy() == y_ref).all()
     # the int8 codes are the reference quantizer's (same fp16 scale, same rounding)
     q_ref, s_ref = qref.quantize_per_token(x.astype(np.float32))
     assert (sx.numpy() == s_ref).all() and (qx.numpy() == q_ref).all()
+    assert (xsum.numpy() == q_ref.astype(np.int64).sum(axis=-1, keepdims=True)).all()
     dense = x.astype(np.float64) @ (qw * sw.astype(np.float64)[:, None]).T
     assert np.linalg.norm(y.numpy() - dense) / np.linalg.norm(dense) < 0.02

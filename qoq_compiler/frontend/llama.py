@@ -12,12 +12,16 @@ Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
     gu  = RMSNorm(x) @ W_gate_up^T               [T, 2 I]               (gate, up fused)
     x   = x + silu(gu[:, :I]) * gu[:, I:] @ W_down^T
 logits = RMSNorm(x) @ W_lm^T  (W_lm = embedding when tied), computed only at the requested rows.
+Each residual add is carried to the next norm (``AddRMSNorm``: a layer returns the residual and
+its pending update) and silu(gate) * up is one module (``SiluMul``), so a quantized scheme can
+replace each by one kernel that also quantizes its output (``passes.quantize_linears``).
 
 Entry points (all take the packed parameter tuple last):
     prefill(input_ids [1, T], logit_positions [P], kv) -> logits [1, P, V] f32
         T tokens of one or more sequences (ragged, as declared to the cache); logits only at the
         P rows asked for: the last row of each sequence for generation, all rows for evaluation.
     decode(input_ids [B, 1], kv) -> logits [B, 1, V] f32    one new token for each of B sequences
+    argmax(logits [B, 1, V]) -> tokens [B] int32             greedy tokens, chosen on the device
     create_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                     support_sliding_window) -> kv
 """
@@ -35,8 +39,8 @@ from ..config import ModelConfig
 
 #: Entry points of the compiled module, in the order the runtime expects them (the KV4 model's
 #: cache is allocated by the runtime, so it has no ``create_kv_cache``).
-ENTRY_POINTS = ("prefill", "decode", "create_kv_cache")
-KV4_ENTRY_POINTS = ("prefill", "decode")
+ENTRY_POINTS = ("prefill", "decode", "argmax", "create_kv_cache")
+KV4_ENTRY_POINTS = ("prefill", "decode", "argmax")
 
 
 class Linear(nn.Linear):
@@ -51,14 +55,36 @@ class Linear(nn.Linear):
         return y if self.dtype == "float32" else op.astype(y, self.dtype)
 
 
+class AddRMSNorm(nn.Module):
+    """(x', RMSNorm(x') * w) with x' = x + d: the residual add that precedes a norm, done by it
+    (d None: no add, x' = x). Parameter ``weight`` [H], as HF's RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((hidden_size,), dtype)
+        self.eps = eps
+
+    def forward(self, x: Tensor, d: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if d is not None:
+            x = x + d
+        return x, op.rms_norm(x, self.weight, axes=-1, epsilon=self.eps)
+
+
+class SiluMul(nn.Module):
+    """silu(gate) * up of the fused gate_up projection [..., 2 I] (gate first) -> [..., I]."""
+
+    def forward(self, gate_up: Tensor) -> Tensor:
+        gate, up = op.split(gate_up, 2, axis=-1)
+        return op.silu(gate) * up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
+        self.act = SiluMul()
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -76,37 +102,40 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str):
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.input_layernorm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, d: Tensor | None, kv: PagedKVCache, layer_id: int) -> tuple[Tensor, Tensor]:
+        """Residual x plus the previous layer's pending update d -> (residual, this layer's update)."""
+        x, h = self.input_layernorm(x, d)
+        x, h = self.post_attention_layernorm(x, self.self_attn(h, kv, layer_id))
+        return x, self.mlp(h)
 
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.norm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
-        x = self.embed_tokens(input_ids)  # [B, T, H]
+        x, d = self.embed_tokens(input_ids), None  # [B, T, H]
         for i, layer in enumerate(self.layers):
-            x = layer(x, kv, i)
-        return self.norm(x)
+            x, d = layer(x, d, kv, i)
+        return self.norm(x, d)[1]
 
 
 class LlamaForCausalLM(nn.Module):
     """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied).
 
     Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
+    ``kernels``: the hand-written kernels the compiler hands in (``schedules.kernels_for``).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target):
-        self.cfg, self.dtype, self.target = cfg, dtype, target
+    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels):
+        self.cfg, self.dtype, self.target, self.kernels = cfg, dtype, target, kernels
         self.model = Backbone(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
@@ -124,6 +153,10 @@ class LlamaForCausalLM(nn.Module):
 
     def decode(self, input_ids: Tensor, kv: PagedKVCache):
         return self._logits(self.model(input_ids, kv)), kv  # [B, 1, V]
+
+    def argmax(self, logits: Tensor) -> Tensor:
+        return op.tensor_ir_op(self.kernels.argmax(self.cfg.vocab_size, self.kernels.gpu), "argmax", [logits],
+                               out=Tensor.placeholder((logits.shape[0],), "int32"))
 
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                         prefill_chunk_size: tirx.Var, page_size: tirx.Var,
@@ -170,6 +203,7 @@ class LlamaForCausalLM(nn.Module):
                 "kv": kv,
                 "$": model,
             },
+            "argmax": self._argmax_spec(),
             "create_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -181,6 +215,10 @@ class LlamaForCausalLM(nn.Module):
         }
         assert tuple(spec) == ENTRY_POINTS
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+    def _argmax_spec(self) -> dict:
+        return {"logits": nn.spec.Tensor(["batch_size", 1, self.cfg.vocab_size], "float32"),
+                "$": {"param_mode": "none", "effect_mode": "none"}}
 
 
 class KV4Cache:
@@ -234,8 +272,8 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     """
 
     def __init__(self, cfg: ModelConfig, dtype: str, target, kernels, page_size: int):
-        super().__init__(cfg, dtype, target)
-        self.kernels, self.page_size = kernels, page_size
+        super().__init__(cfg, dtype, target, kernels)
+        self.page_size = page_size
         self.gpu = "gpu" in target.keys
 
     def _cache(self, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
@@ -285,6 +323,7 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
                 "kv_param": cache["kv_param"],
                 "$": model,
             },
+            "argmax": self._argmax_spec(),
         }
         assert tuple(spec) == KV4_ENTRY_POINTS
         return nn.spec.ModuleSpec.from_raw(spec, self)

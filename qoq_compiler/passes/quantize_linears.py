@@ -1,13 +1,19 @@
-"""QuantizeLinears: rewrite every decoder linear of the float model into its quantized op.
+"""QuantizeLinears: rewrite every decoder linear of the float model into its quantized op, and
+the elementwise work before each into a kernel that also quantizes the linear's input.
 
 An ``nn.Mutator`` over the ``relax.frontend.nn`` model, run before export (as MLC-LLM's quantizers
 do): each ``frontend.llama.Linear`` (qkv, o, gate_up, down of every layer) becomes
-    scheme.weights "int8":  W8A8Linear   quantize_per_token(x) -> w8a8_matmul   (int8 x int8 -> int32)
-    scheme.weights "int4":  W4A8Linear   quantize_per_token(x) -> w4a8_matmul   (int8 x uint4 -> int32)
-with the parameters that ``quant.convert`` fills offline; embedding, norms and lm_head stay float.
-The exported Relax IR thus holds the activation-quantize and W4A8 calls where the float model had
-matmuls, each a ``call_tir`` of the compute definitions handed in as ``kernels`` (``schedules``);
-the tensor-core GEMM plugs in behind the same ops.
+    scheme.weights "int8":  W8A8Linear   int8 x, sx -> w8a8_matmul   (int8 x int8 -> int32)
+    scheme.weights "int4":  W4A8Linear   int8 x, sx -> w4a8_matmul   (int8 x uint4 -> int32)
+with the parameters that ``quant.convert`` fills offline; embedding, lm_head and the final norm
+stay float. A linear's per-token INT8 input (``QuantizedActivation``) comes from the kernel that
+produces the activation (``schedules.act_quant``):
+    input_layernorm, post_attention_layernorm   AddRMSNormQuant   residual add + RMSNorm + quantize
+    mlp.act                                     SiluMulQuant      silu(gate) * up + quantize
+    o_proj's input (the attention output)       the linear quantizes it itself
+The exported Relax IR thus holds these calls where the float model had norms, activations and
+matmuls, each a ``call_tir`` of the kernels handed in as ``kernels`` (``schedules``); the
+tensor-core GEMM plugs in behind the same ops.
 """
 
 from __future__ import annotations
@@ -18,8 +24,63 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from ..config import QuantScheme
-from ..frontend.llama import Linear
+from ..frontend.llama import AddRMSNorm, DecoderLayer, Linear
 from .weight_layout import mma_shapes
+
+
+class QuantizedActivation:
+    """A linear's input quantized per token: ``qx`` int8 [B, T, K], ``sx`` fp16 [B, T, 1] and
+    ``xsum`` int32 [B, T, 1] = sum_k qx (read by the per-channel W4A8 epilogue only)."""
+
+    def __init__(self, outputs):
+        self.qx, self.sx, self.xsum = outputs
+
+    @property
+    def shape(self):
+        return self.qx.shape
+
+
+def quantize(kernels, x: Tensor) -> QuantizedActivation:
+    """Per-token INT8 quantization of a float activation [B, T, K]."""
+    return _act_quant(kernels, "quantize", [x], x.shape[-1], x.dtype)
+
+
+def _act_quant(kernels, kind: str, inputs: list[Tensor], k: int, dtype: str, eps: float = 1e-6,
+               residual: bool = False):
+    b, t = inputs[0].shape[:2]
+    out = [Tensor.placeholder((b, t, k), "int8"), Tensor.placeholder((b, t, 1), "float16"),
+           Tensor.placeholder((b, t, 1), "int32")]
+    if residual:
+        out.insert(0, Tensor.placeholder((b, t, k), dtype))
+    name = kind if kind == "quantize" else kind + "_quantize"
+    res = op.tensor_ir_op(kernels.act_quant(kind, int(k), dtype, kernels.gpu, eps), name, inputs, out=out)
+    return (res[0], QuantizedActivation(res[1:])) if residual else QuantizedActivation(res)
+
+
+class AddRMSNormQuant(nn.Module):
+    """``AddRMSNorm`` whose normalised output is the next linear's INT8 input: one kernel writes
+    the residual x' = x + d and qx, sx, xsum of RMSNorm(x') * w (``act_quant`` add_rmsnorm, or
+    rmsnorm when there is no d)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: str, kernels):
+        self.weight = nn.Parameter((hidden_size,), dtype)
+        self.eps, self.dtype, self.kernels = eps, dtype, kernels
+
+    def forward(self, x: Tensor, d: Tensor | None = None) -> tuple[Tensor, QuantizedActivation]:
+        k = self.weight.shape[0]
+        if d is None:
+            return x, _act_quant(self.kernels, "rmsnorm", [x, self.weight], k, self.dtype, self.eps)
+        return _act_quant(self.kernels, "add_rmsnorm", [x, d, self.weight], k, self.dtype, self.eps, residual=True)
+
+
+class SiluMulQuant(nn.Module):
+    """``SiluMul`` whose output is down_proj's INT8 input (``act_quant`` silu_mul)."""
+
+    def __init__(self, dtype: str, kernels):
+        self.dtype, self.kernels = dtype, kernels
+
+    def forward(self, gate_up: Tensor) -> QuantizedActivation:
+        return _act_quant(self.kernels, "silu_mul", [gate_up], gate_up.shape[-1] // 2, self.dtype)
 
 
 class W8A8Linear(nn.Module):
@@ -35,9 +96,9 @@ class W8A8Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
         self.dtype, self.kernels = dtype, kernels
 
-    def forward(self, x: Tensor) -> Tensor:
-        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
-        y = op.tensor_expr_op(self.kernels.w8a8_matmul, "w8a8_matmul", [qx, sx, self.weight, self.weight_scale])
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        a = x if isinstance(x, QuantizedActivation) else quantize(self.kernels, x)
+        y = op.tensor_expr_op(self.kernels.w8a8_matmul, "w8a8_matmul", [a.qx, a.sx, self.weight, self.weight_scale])
         if self.bias is not None:
             y = y + self.bias
         return y if self.dtype == "float32" else op.astype(y, self.dtype)
@@ -49,7 +110,7 @@ class W4A8Linear(nn.Module):
     Parameters, in the GEMM's layout (``passes.weight_layout``): ``weight`` uint32 [out/32, in/32,
     32, 4] (MMA layout), ``weight_scale`` fp16 [out] (s1); per group g: ``weight_group_scale`` /
     ``weight_group_zero`` int8 [ceil(in/g), out/32 * 32] (s2, z2, MMA channel order); per channel:
-    ``weight_zero`` fp16 [out] (z), the activations' row sums coming from ``token_sum``;
+    ``weight_zero`` fp16 [out] (z), the activations' row sums coming with them (``xsum``);
     ``bias`` fp32 [out].
     """
 
@@ -65,13 +126,11 @@ class W4A8Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
         self.dtype, self.group, self.kernels = dtype, group, kernels
 
-    def forward(self, x: Tensor) -> Tensor:
-        qx, sx = op.tensor_expr_op(self.kernels.quantize_per_token, "quantize_per_token", [x])
-        if self.group is None:
-            extra = [self.weight_zero, op.tensor_expr_op(self.kernels.token_sum, "token_sum", [qx])]
-        else:
-            extra = [self.weight_group_scale, self.weight_group_zero]
-        n, k = self.weight_scale.shape[0], x.shape[-1]
+    def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
+        a = x if isinstance(x, QuantizedActivation) else quantize(self.kernels, x)
+        qx, sx = a.qx, a.sx
+        extra = [self.weight_zero, a.xsum] if self.group is None else [self.weight_group_scale, self.weight_group_zero]
+        n, k = self.weight_scale.shape[0], qx.shape[-1]
         tensor_core = self.kernels.w4a8_tensor_core and self.kernels.w4a8_tensor_core(n, k, self.group)
         if tensor_core is None:
             y = op.tensor_expr_op(partial(self.kernels.w4a8_matmul, group=self.group), "w4a8_matmul",
@@ -94,6 +153,12 @@ class QuantizeLinears(nn.Mutator):
         self.scheme, self.kernels = scheme, kernels
 
     def visit_module(self, name: str, node: nn.Module):
+        if isinstance(node, DecoderLayer) and self.scheme.weights in ("int8", "int4"):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                old: AddRMSNorm = getattr(node, norm)
+                setattr(node, norm, AddRMSNormQuant(old.weight.shape[0], old.eps, old.weight.dtype, self.kernels))
+            node.mlp.act = SiluMulQuant(node.mlp.down_proj.dtype, self.kernels)
+            return self.visit(name, node)
         if isinstance(node, Linear):
             s, args = self.scheme, (node.in_features, node.out_features, node.bias is not None, node.dtype)
             if s.weights == "int8":

@@ -123,6 +123,8 @@ class Engine:
             self.kv = TVMPagedCache(self.vm, self.device, max_batch_size, self.cache_tokens,
                                     self.prefill_chunk_size, PAGE_SIZE)
         self._f = {name: self.vm[name] for name in ("prefill", "decode")}
+        # greedy tokens chosen on the device (artifacts older than this entry point choose on the host)
+        self._argmax = self.vm["argmax"] if "argmax" in self.manifest.get("entry_points", ()) else None
         self._next_seq = 0
         self._lengths: dict[int, int] = {}  # tokens held per live sequence
         self._tokenizer = None
@@ -216,10 +218,14 @@ class Engine:
                             f"{pages} pages of {self.page_size}, the cache holds {self.cache_tokens} tokens")
         self._lengths = after
 
-    def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
+    def _step(self, fn: str, seq_ids: list[int], lens: list[int], *args):
+        """Run one step of an entry point; its logits stay on the device."""
         self._reserve(seq_ids, lens)
-        logits = self.kv.run(lambda *a: self._f[fn](*a, self.params), seq_ids, lens, list(args))
-        return logits.numpy()[0] if fn == "prefill" else logits.numpy()[:, 0]
+        return self.kv.run(lambda *a: self._f[fn](*a, self.params), seq_ids, lens, list(args))
+
+    def _forward(self, fn: str, seq_ids: list[int], lens: list[int], *args) -> np.ndarray:
+        logits = self._step(fn, seq_ids, lens, *args).numpy()
+        return logits[0] if fn == "prefill" else logits[:, 0]
 
     def prefill(self, items: list[tuple[int, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
         """Feed each (seq_id, tokens); return per item its last row of logits (or all rows)."""
@@ -251,6 +257,22 @@ class Engine:
         """Append one token to each sequence; return their next-token logits [B, vocab]."""
         ids = tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device)
         return self._forward("decode", seq_ids, [1] * len(seq_ids), ids)
+
+    def decode_greedy(self, seq_ids: list[int], tokens: list[int]) -> list[int]:
+        """``decode``, then each sequence's most likely next token (the first on ties), chosen on the
+        device: B token ids cross to the host instead of B x vocab logits."""
+        ids = tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device)
+        logits = self._step("decode", seq_ids, [1] * len(seq_ids), ids)
+        if self._argmax is None:
+            return logits.numpy()[:, 0].argmax(axis=1).tolist()
+        return self._argmax(logits).numpy().tolist()
+
+    def _decode_next(self, reqs: list[_Request]) -> list[int]:
+        """One decode step for ``reqs`` and each one's next token: on the device when all are greedy."""
+        seq_ids, tokens = [r.seq_id for r in reqs], [r.out[-1] for r in reqs]
+        if all(r.temperature == 0.0 for r in reqs):
+            return self.decode_greedy(seq_ids, tokens)
+        return [self._sample(row, r) for r, row in zip(reqs, self.decode(seq_ids, tokens))]
 
     # ---------------------------------------------------------------- public API
     def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -329,9 +351,8 @@ class Engine:
                 live = [r for r in reqs if r.finish is None]
                 if not live:
                     break
-                logits = self.decode([r.seq_id for r in live], [r.out[-1] for r in live])
-                for r, row in zip(live, logits):
-                    piece = self._accept(r, self._sample(row, r))
+                for r, token in zip(live, self._decode_next(live)):
+                    piece = self._accept(r, token)
                     if streaming and piece:
                         yield piece
             t2 = time.perf_counter()

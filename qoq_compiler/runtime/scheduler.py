@@ -111,10 +111,10 @@ class Scheduler:
             self._preempt(victim)
             decoders = [x for x in decoders if x is not victim]
         if decoders:
-            logits = self.engine.decode([x.req.seq_id for x in decoders], [x.req.out[-1] for x in decoders])
-            for x, row in zip(decoders, logits):
+            tokens = self.engine._decode_next([x.req for x in decoders])
+            for x, token in zip(decoders, tokens):
                 x.fed += 1
-                self._take(x, row, finished)
+                self._take(x, token, finished)
         feeding, budget, grow = [], self.prefill_chunk_size, {}
         for x in self.running:
             if budget == 0 or x in decoders:
@@ -129,7 +129,7 @@ class Scheduler:
             for (x, n), row in zip(feeding, rows):
                 x.fed += n
                 if x.pending == 0:
-                    self._take(x, row, finished)
+                    self._take(x, self.engine._sample(row, x.req), finished)
         return bool(decoders or feeding or not self.running)
 
     # ---------------------------------------------------------------- helpers
@@ -159,10 +159,10 @@ class Scheduler:
         x.fed, x.preemptions = 0, x.preemptions + 1
         self.waiting.appendleft(x)
 
-    def _take(self, x: _Live, logits, finished: list[int]) -> None:
-        """Sample x's next token; retire it when finished."""
+    def _take(self, x: _Live, token: int, finished: list[int]) -> None:
+        """Accept x's next token; retire it when finished."""
         eng = self.engine
-        eng._accept(x.req, eng._sample(logits, x.req))
+        eng._accept(x.req, token)
         if not x.first_token_at:
             x.first_token_at = time.perf_counter()
         if x.req.finish is None:

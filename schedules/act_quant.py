@@ -1,0 +1,248 @@
+"""Activation quantization: the per-token INT8 input of every quantized linear, fused with the
+elementwise work that produces it, so an activation row crosses HBM once on its way to a GEMM.
+
+    kind          inputs          outputs                          feeds
+    quantize      x               q(x)                             o_proj (the attention output)
+    rmsnorm       x, w            q(RMSNorm(x) w)                  layer 0's qkv_proj
+    add_rmsnorm   x, d, w         x' = x + d,  q(RMSNorm(x') w)    qkv_proj, gate_up_proj (residual add folded in)
+    silu_mul      gu = [g | u]    q(silu(g) u)                     down_proj
+
+For a token row v of K values, rounded to the model dtype where the unfused model rounds (x',
+RMSNorm's output, silu(g) u once):
+    RMSNorm(x) = x * rsqrt(sum(x^2) / K + eps) * w                 fp32, as TVM's ``rms_norm``
+    sx   = fp16(max(max_k |v_k|, 1e-4) / 127)                     per-token scale
+    qx_k = clamp(round(v_k / sx), -127, 127)                       int8 (``quant.reference.quantize_per_token``)
+    xsum = sum_k qx_k                                              int32, the per-channel W4A8 epilogue's
+                                                                   zero-point term (``w4a8_gemm``)
+
+Layout: tensors [B, T, K] (``silu_mul``'s input [B, T, 2K], gate first); one block per token row,
+THREADS threads striding over it (element k belongs to thread k % THREADS in every phase, so a
+thread rereads only what it wrote or read itself: no barrier guards the row). Phases: row pass
+(x' written, sum of squares or max), block reduction, [norm pass: max of the normalised row,
+block reduction], quantization pass (qx written, partial xsum), block reduction. Block-wide
+reductions run as a shared-memory tree behind barriers. The row is read from HBM once; the
+later passes reread it from cache. The same PrimFuncs run on CPUs (rows in parallel, each
+phase's threads one after another) and on CUDA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+
+KINDS = ("quantize", "rmsnorm", "add_rmsnorm", "silu_mul")
+THREADS = 256
+LOG_THREADS = 8
+RANGE_FLOOR = 1e-4  # as quant.reference: a zero row keeps a positive scale
+
+
+def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> tirx.PrimFunc:
+    """PrimFunc of ``kind`` (see the module docstring) for rows of K values in ``dtype``:
+        quantize     (x, qx, sx, xsum)
+        rmsnorm      (x, w, qx, sx, xsum)
+        add_rmsnorm  (x, d, w, x_out, qx, sx, xsum)
+        silu_mul     (gu, qx, sx, xsum)
+    x, d, x_out [B, T, K] dtype; gu [B, T, 2K]; w [K] dtype; qx [B, T, K] int8; sx [B, T, 1] fp16;
+    xsum [B, T, 1] int32."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown activation-quantization kind {kind!r} (one of {', '.join(KINDS)})")
+    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
+    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+    shared = "shared" if gpu else "global"
+    per_thread = -(-k // THREADS)
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
+    floor, inv_k, eps_ = (tirx.const(v, "float32") for v in (RANGE_FLOOR, 1.0 / k, eps))
+
+    def rounded(v):
+        """v (fp32) rounded to the model dtype, back in fp32."""
+        return T.Cast("float32", T.Cast(dtype, v))
+
+    def silu_mul(gu, b, t, i):
+        g, u = T.Cast("float32", gu[b, t, i]), T.Cast("float32", gu[b, t, k + i])
+        return rounded(g / (T.float32(1) + T.exp(-g)) * u)
+
+    def normed(x, w, b, t, i, rs):
+        return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
+
+    def quant(v, scale):
+        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-127)), T.float32(127)))
+
+    @T.macro
+    def tree(red, is_max):
+        """red[0] = max or sum of red[0:THREADS]."""
+        for s in T.unroll(LOG_THREADS):
+            for tid in inner(THREADS):
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                if tid < (THREADS >> (s + 1)):
+                    if is_max:
+                        red[tid] = T.max(red[tid], red[tid + (THREADS >> (s + 1))])
+                    else:
+                        red[tid] = red[tid] + red[tid + (THREADS >> (s + 1))]
+
+    @T.macro
+    def quantize_pass(value, amax, qx, sx, xsum, b, t, isum):
+        """qx, sx from the row ``value(i)`` and its block maximum amax[0]; xsum by the tree."""
+        for tid in inner(THREADS):
+            if gpu:
+                T.tvm_storage_sync("shared")
+            scale = T.Cast("float32", T.Cast("float16", T.max(amax[0], floor) / T.float32(127)))
+            acc = T.alloc_buffer((1,), "int32", scope="local")
+            acc[0] = 0
+            for j in range(per_thread):
+                i = j * THREADS + tid
+                if i < k:
+                    q = quant(value(i), scale)
+                    qx[b, t, i] = q
+                    acc[0] = acc[0] + T.Cast("int32", q)
+            isum[tid] = acc[0]
+            if tid == 0:
+                sx[b, t, 0] = T.Cast("float16", scale)
+        tree(isum, False)
+        for tid in inner(THREADS):
+            if gpu:
+                T.tvm_storage_sync("shared")
+            if tid == 0:
+                xsum[b, t, 0] = isum[0]
+
+    @T.macro
+    def row_max(value, fmax):
+        """fmax[0] = max_i |value(i)|."""
+        for tid in inner(THREADS):
+            if gpu:
+                T.tvm_storage_sync("shared")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            acc[0] = T.float32(0)
+            for j in range(per_thread):
+                i = j * THREADS + tid
+                if i < k:
+                    acc[0] = T.max(acc[0], T.abs(value(i)))
+            fmax[tid] = acc[0]
+        tree(fmax, True)
+
+    @T.macro
+    def norm_quant(x, w, qx, sx, xsum, b, t, fsum, fmax, isum):
+        """RMSNorm of the row x[b, t] (its sum of squares already in fsum[0]), then quantize."""
+        row_max(lambda i: normed(x, w, b, t, i, T.rsqrt(fsum[0] * inv_k + eps_)), fmax)
+        quantize_pass(lambda i: normed(x, w, b, t, i, T.rsqrt(fsum[0] * inv_k + eps_)), fmax,
+                      qx, sx, xsum, b, t, isum)
+
+    @T.macro
+    def sum_squares(x, b, t, fsum):
+        for tid in inner(THREADS):
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            acc[0] = T.float32(0)
+            for j in range(per_thread):
+                i = j * THREADS + tid
+                if i < k:
+                    acc[0] = acc[0] + T.Cast("float32", x[b, t, i]) * T.Cast("float32", x[b, t, i])
+            fsum[tid] = acc[0]
+        tree(fsum, False)
+
+    if kind == "quantize":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            for bx in outer(nb * nt):
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+                b, t = bx // nt, bx % nt
+                row_max(lambda i: T.Cast("float32", x[b, t, i]), fmax)
+                quantize_pass(lambda i: T.Cast("float32", x[b, t, i]), fmax, qx, sx, xsum, b, t, isum)
+
+    elif kind == "rmsnorm":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_w: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            w = T.match_buffer(var_w, (k,), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            for bx in outer(nb * nt):
+                fsum = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+                b, t = bx // nt, bx % nt
+                sum_squares(x, b, t, fsum)
+                norm_quant(x, w, qx, sx, xsum, b, t, fsum, fmax, isum)
+
+    elif kind == "add_rmsnorm":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_d: T.handle, var_w: T.handle, var_out: T.handle, var_qx: T.handle,
+                 var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            d = T.match_buffer(var_d, (nb, nt, k), dtype)
+            w = T.match_buffer(var_w, (k,), dtype)
+            x_out = T.match_buffer(var_out, (nb, nt, k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            for bx in outer(nb * nt):
+                fsum = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+                b, t = bx // nt, bx % nt
+                for tid in inner(THREADS):
+                    acc = T.alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = T.float32(0)
+                    for j in range(per_thread):
+                        i = j * THREADS + tid
+                        if i < k:
+                            v = rounded(T.Cast("float32", x[b, t, i]) + T.Cast("float32", d[b, t, i]))
+                            x_out[b, t, i] = T.Cast(dtype, v)
+                            acc[0] = acc[0] + v * v
+                    fsum[tid] = acc[0]
+                tree(fsum, False)
+                norm_quant(x_out, w, qx, sx, xsum, b, t, fsum, fmax, isum)
+
+    else:
+        @T.prim_func(private=True)
+        def func(var_gu: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            gu = T.match_buffer(var_gu, (nb, nt, 2 * k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            for bx in outer(nb * nt):
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+                b, t = bx // nt, bx % nt
+                row_max(lambda i: silu_mul(gu, b, t, i), fmax)
+                quantize_pass(lambda i: silu_mul(gu, b, t, i), fmax, qx, sx, xsum, b, t, isum)
+
+    # Relax's RewriteDataflowReshape inspects every call_tir of a single tensor argument and needs
+    # a root block there; the CUDA lowering (tirx pipeline) takes it off again (``schedules``).
+    root = s_tir.SBlock([], [], [], "root", func.body)
+    return func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
+
+
+def reference(kind: str, *inputs: np.ndarray, dtype: str = "float32", eps: float = 1e-6):
+    """NumPy outputs of ``act_quant(kind)`` for its inputs, computed in float64 between the same
+    rounding points: (x_out,)? + (qx, sx, xsum)."""
+    rnd = (lambda v: v.astype(dtype).astype(np.float64))
+    f = [np.asarray(a, dtype=np.float64) for a in inputs]
+    out = ()
+    if kind == "quantize":
+        v = f[0]
+    elif kind == "silu_mul":
+        k = f[0].shape[-1] // 2
+        g, u = f[0][..., :k], f[0][..., k:]
+        v = rnd(g / (1 + np.exp(-g)) * u)
+    else:
+        x, w = (rnd(f[0] + f[1]), f[2]) if kind == "add_rmsnorm" else (f[0], f[1])
+        out = (x.astype(dtype),) if kind == "add_rmsnorm" else ()
+        v = rnd(x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w)
+    sx = (np.maximum(np.abs(v).max(axis=-1, keepdims=True), RANGE_FLOOR) / 127).astype(np.float16)
+    qx = np.clip(np.round(v / sx.astype(np.float64)), -127, 127).astype(np.int8)
+    return (*out, qx, sx, qx.astype(np.int32).sum(axis=-1, keepdims=True, dtype=np.int32))

@@ -1,0 +1,54 @@
+"""Fused activation quantization (``schedules.act_quant``) on llvm equals its NumPy reference exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qoq_compiler.tvm_env import tvm
+from schedules import act_quant
+
+
+def _inputs(kind: str, b: int, t: int, k: int, dtype: str, rng) -> list[np.ndarray]:
+    rows = rng.standard_normal((b, t, k)) * rng.uniform(0.05, 4, (b, t, 1))  # a different range per token
+    w = rng.uniform(0.5, 1.5, k).astype(dtype)
+    return {"quantize": [rows.astype(dtype)],
+            "rmsnorm": [rows.astype(dtype), w],
+            "add_rmsnorm": [rows.astype(dtype), rng.standard_normal((b, t, k)).astype(dtype), w],
+            "silu_mul": [(rng.standard_normal((b, t, 2 * k)) * 2).astype(dtype)]}[kind]
+
+
+@pytest.mark.parametrize("kind", act_quant.KINDS)
+@pytest.mark.parametrize("k,dtype", [(64, "float32"), (300, "float32"), (576, "float16"), (1000, "float16")])
+def test_act_quant_equals_reference(kind, k, dtype):
+    rng = np.random.default_rng(k)
+    func = act_quant.act_quant(kind, k, dtype, gpu=False, eps=1e-5)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    ins = _inputs(kind, 2, 3, k, dtype, rng)
+    ref = act_quant.reference(kind, *ins, dtype=dtype, eps=1e-5)
+    args = [tvm.runtime.tensor(a) for a in ins] + [tvm.runtime.tensor(np.zeros(r.shape, r.dtype)) for r in ref]
+    lib["main"](*args)
+    got = [a.numpy() for a in args[len(ins):]]
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and (g == r).all()
+    qx, sx = ref[-3], ref[-2]
+    assert np.abs(qx).max() == 127 and len(np.unique(sx)) == 6  # every row uses its full int8 range
+
+
+def test_zero_row_keeps_a_positive_scale():
+    func = act_quant.act_quant("quantize", 64, "float32", gpu=False)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    x = np.zeros((1, 2, 64), "float32")
+    x[0, 1] = np.linspace(-1, 1, 64)
+    out = [tvm.runtime.tensor(np.full(s, 7, d)) for s, d in (((1, 2, 64), "int8"), ((1, 2, 1), "float16"),
+                                                             ((1, 2, 1), "int32"))]
+    lib["main"](tvm.runtime.tensor(x), *out)
+    qx, sx, xsum = (a.numpy() for a in out)
+    assert (qx[0, 0] == 0).all() and sx[0, 0, 0] > 0 and xsum[0, 0, 0] == 0
+    assert qx[0, 1, 0] == -127 and qx[0, 1, -1] == 127
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown activation-quantization kind"):
+        act_quant.act_quant("gelu", 64, "float32", gpu=False)
+
