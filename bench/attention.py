@@ -1,7 +1,7 @@
-"""KV4 decode attention: qoqc's paged 4-bit kernel vs torch SDPA on an fp16 cache, and bandwidth.
+"""KV4 attention: qoqc's paged 4-bit kernels vs torch SDPA on an fp16 cache (decode: bandwidth too).
 
     python bench/attention.py [--arch sm_90] [--batch 1,16,64,256] [--context 512,2048,8192,32768]
-                              [--repeats 20] [--out FILE]                          (GPU machine)
+                              [--prefill 512,2048,8192] [--repeats 20] [--out FILE]     (GPU machine)
     python bench/attention.py --cpu-check                                          (any machine)
 
 GPU mode: 32 query heads / 8 KV heads, head_dim 128, one new token per sequence (decode), every
@@ -10,12 +10,14 @@ sequence ``context`` tokens long in 16-token pages handed out in shuffled order.
 dequantized cache, then median times of ours and of ``scaled_dot_product_attention`` over fp16 K/V
 of the same shape, and our achieved bandwidth (K/V codes + scales read / time) next to a
 device-to-device copy measured in the same run. Combinations whose fp16 K/V would not fit in
-``--max-gib`` are skipped.
+``--max-gib`` are skipped. Prefill (the tensor-core kernel ``kv4_prefill``): one sequence of
+``--prefill`` tokens, all new, causal, vs SDPA causal on fp16 q/K/V, checked against float64 the same way.
 
 ``--cpu-check`` needs no GPU: the kernel tests on CPU (tests/test_kv4_attention.py: head_dim 64 and
-128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64) and nvcc
-compiles of the CUDA append, split attention and merge kernels for sm_80 and sm_90 at the head
-shapes of ``MODELS``, none of which may spill registers. Non-zero exit on any failure.
+128, GQA 1, 3, 4, 8, page boundaries, one batch mixing lengths 1 to 2049, against float64;
+tests/test_kv4_prefill.py: the tensor-core prefill's emulation) and nvcc compiles of the CUDA
+append, split attention, merge and prefill kernels for sm_80 and sm_90 at the head shapes of
+``MODELS``, none of which may spill registers. Non-zero exit on any failure.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from qoq_compiler.tvm_env import tvm  # noqa: E402
 import schedules  # noqa: E402
 from schedules import kv4_attention as ka  # noqa: E402
+from schedules import kv4_prefill as kp  # noqa: E402
 from schedules import nvcc  # noqa: E402
 from bench.common import Checks, cuda_median_us, emit_table  # noqa: E402
 
@@ -48,7 +51,8 @@ def _cuda_kernels(arch: str, hq: int = HQ, hkv: int = HKV, d: int = D, layers: i
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     funcs = {"append": ka.kv4_append(layers, hq, hkv, d, 10000.0, {}, "float16", gpu=True),
              "attention": ka.kv4_attention(layers, hq, hkv, d, PAGE, d ** -0.5, "float16", gpu=True),
-             "merge": ka.kv4_merge(hq, hkv, d, "float16", gpu=True)}
+             "merge": ka.kv4_merge(hq, hkv, d, "float16", gpu=True),
+             "prefill": kp.kv4_prefill(layers, hq, hkv, d, PAGE, d ** -0.5)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:
         mod = schedules.schedule(target)(mod)  # the model pipeline's rules
@@ -57,8 +61,8 @@ def _cuda_kernels(arch: str, hq: int = HQ, hkv: int = HKV, d: int = D, layers: i
 
 def cpu_check() -> int:
     check = Checks()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_kv4_attention.py")],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_kv4_attention.py"),
+                           str(ROOT / "tests" / "test_kv4_prefill.py")], cwd=ROOT, capture_output=True, text=True)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-2000:]
     check(proc.returncode == 0, f"KV4 kernel tests on CPU: {summary}")
     if nvcc.nvcc_path() is None:
@@ -142,6 +146,39 @@ def gpu_bench(args) -> int:
             print(f"batch {b:4d} context {ctx:6d} rel {rel:.1e} ours {ours:10.1f} us  SDPA fp16 {sdpa:10.1f} us  "
                   f"{nbytes / ours / 1e3:7.1f} GB/s", flush=True)
             k16 = v16 = None  # free the fp16 cache before the next shape
+    prefill_rows = []
+    for n in [int(v) for v in args.prefill.split(",") if v]:
+        table = rng.permutation(-(-n // PAGE)).reshape(1, -1).astype("int32")
+        slots = table.size * PAGE
+        data = rng.integers(0, 256, size=(1, 2, slots, HKV, D // 2), dtype=np.uint8)
+        param = np.stack([rng.uniform(0.01, 0.1, size=(1, 2, slots, HKV)),
+                          rng.uniform(-0.8, -0.1, size=(1, 2, slots, HKV))], axis=-1).astype(np.float16)
+        q = rng.standard_normal((n, HQ, D)).astype(np.float16)
+        pos, seq = np.arange(n, dtype="int32"), np.zeros(n, "int32")
+        args_tvm = [tvm.runtime.tensor(a, device=dev) for a in (q, data, param, pos, seq, table)]
+        out = tvm.runtime.tensor(np.zeros((n, HQ, D), np.float16), device=dev)
+        kernels["prefill"](*args_tvm, 0, out)
+        dev.sync()
+        codes = torch.from_numpy(data[0]).cuda()
+        deq = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(2, slots, HKV, D).double()
+        pm = torch.from_numpy(param[0]).cuda().double()
+        deq = deq * pm[..., 0:1] + pm[..., 1:2]
+        order = torch.from_numpy((table[:, :, None] * PAGE + np.arange(PAGE)).reshape(-1)[:n]).cuda().long()
+        kk, vv = (deq[i][order].repeat_interleave(HQ // HKV, dim=1).permute(1, 0, 2)[None] for i in (0, 1))
+        ref = F.scaled_dot_product_attention(torch.from_numpy(q).cuda().double().permute(1, 0, 2)[None], kk, vv,
+                                             is_causal=True)[0].permute(1, 0, 2)
+        rel = float((torch.from_numpy(out.numpy()).cuda().double() - ref).norm() / ref.norm())
+        if not rel < 2e-2:
+            failures.append(f"prefill {n}: rel err {rel:.2e}")
+        ours = cuda_median_us(lambda: kernels["prefill"](*args_tvm, 0, out), args.repeats)
+        q16 = torch.randn(1, HQ, n, D, device="cuda", dtype=torch.float16)
+        k16, v16 = (torch.randn(1, HKV, n, D, device="cuda", dtype=torch.float16) for _ in range(2))
+        sdpa = cuda_median_us(lambda: F.scaled_dot_product_attention(q16, k16, v16, is_causal=True, enable_gqa=True),
+                              args.repeats)
+        tflops = 4 * n * n / 2 * HQ * D / ours / 1e6  # causal: half of the QK^T and PV products
+        prefill_rows.append((n, rel, ours, sdpa, tflops))
+        print(f"prefill {n:6d} rel {rel:.1e} ours {ours:10.1f} us  SDPA fp16 {sdpa:10.1f} us  {tflops:6.1f} TFLOP/s",
+              flush=True)
     lines = [f"Device: {torch.cuda.get_device_name()}; {date.today().isoformat()}; torch {torch.__version__}, "
              f"TVM {tvm.__version__}, arch {args.arch}, {platform.node()}. Copy bandwidth (same run): "
              f"{copy_gbs:.0f} GB/s.",
@@ -151,6 +188,11 @@ def gpu_bench(args) -> int:
     for b, ctx, rel, ours, sdpa, gbs in rows:
         lines.append(f"| {b} | {ctx} | {rel:.1e} | {ours:.1f} | {sdpa:.1f} | {sdpa / ours:.2f} | {gbs:.0f} | "
                      f"{100 * gbs / copy_gbs:.0f}% |")
+    if prefill_rows:
+        lines += ["", "| prefill tokens | rel err | qoqc KV4 tensor-core µs | SDPA fp16 causal µs | speed-up | TFLOP/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {rel:.1e} | {ours:.1f} | {sdpa:.1f} | {sdpa / ours:.2f} | {tf:.1f} |"
+                  for n, rel, ours, sdpa, tf in prefill_rows]
     emit_table(lines, args.out)
     if failures:
         print("correctness failures:\n" + "\n".join(failures), file=sys.stderr)
@@ -164,6 +206,7 @@ def main() -> int:
     p.add_argument("--arch", default="sm_90", help="CUDA arch of the GPU (sm_80, sm_90)")
     p.add_argument("--batch", default="1,16,64,256")
     p.add_argument("--context", default="512,2048,8192,32768")
+    p.add_argument("--prefill", default="512,2048,8192", help="prompt lengths of the prefill rows ('' for none)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median reported)")
     p.add_argument("--max-gib", type=float, default=40, help="skip combinations whose fp16 K/V exceed this")
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")

@@ -51,7 +51,7 @@ def hf_throughput(model_dir: Path, batch: int, input_len: int, output_len: int, 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     vocab = model.config.vocab_size
-    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     while True:
         ids = torch.randint(0, vocab, (batch, input_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -134,8 +134,8 @@ def main() -> int:
     rows = run(args)
     check(len(rows) == len(args.schemes) + 1 and all(t > 0 and b > 0 for _, b, t in rows),
           f"{len(rows)} rows served: " + ", ".join(f"{n} batch {b}" for n, b, _ in rows))
-    fp16 = dict((n, b) for n, b, _ in rows).get("qoqc fp16")
-    kv4 = dict((n, b) for n, b, _ in rows).get("qoqc qoq-w4a8kv4-g128")
+    batches = {n: b for n, b, _ in rows}
+    fp16, kv4 = batches.get("qoqc fp16"), batches.get("qoqc qoq-w4a8kv4-g128")
     if fp16 and kv4:  # the same budget holds more sequences at 4 bits
         check(kv4 > 2 * fp16, f"KV4 batch {kv4} > 2 x fp16 batch {fp16} in the same KV budget")
     emit_table(table(args, rows), None)

@@ -22,7 +22,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from . import act_quant, argmax, kv4_attention, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
+from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
 
@@ -31,12 +31,15 @@ kernels = SimpleNamespace(gpu=False, act_quant=act_quant.act_quant, argmax=argma
                           w8a8_matmul=w8a8_gemm.w8a8_matmul, w4a8_matmul=w4a8_gemm.w4a8_matmul,
                           w4a8_tensor_core=None, rope_q=kv4_attention.rope_q, kv4_append=kv4_attention.kv4_append,
                           kv4_attention=kv4_attention.kv4_attention, kv4_merge=kv4_attention.kv4_merge,
-                          kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape)
+                          kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape,
+                          kv4_prefill_tensor_core=None)
 
 
 def kernels_for(target) -> SimpleNamespace:
     """``kernels`` for ``target``: on CUDA, ``w4a8_tensor_core(n, k, group)`` gives the tensor-core
-    GEMM PrimFunc for a linear, or None where its shape needs the portable kernel."""
+    GEMM PrimFunc for a linear, or None where its shape needs the portable kernel, and
+    ``kv4_prefill_tensor_core(layers, hq, hkv, d, page_size, sm_scale, dtype)`` the tensor-core
+    prefill attention, or None where ``kv4_attention`` serves prefill too."""
     if target.kind.name != "cuda":
         return kernels
 
@@ -44,7 +47,12 @@ def kernels_for(target) -> SimpleNamespace:
     def tensor_core(n: int, k: int, group: int | None):
         return w4a8_gemm_tc.tensor_core_gemm(n, k, group) if w4a8_gemm_tc.supports_tensor_cores(n, k, group) else None
 
-    return SimpleNamespace(**{**vars(kernels), "gpu": True, "w4a8_tensor_core": tensor_core})
+    def prefill(layers: int, hq: int, hkv: int, d: int, page_size: int, sm_scale: float, dtype: str):
+        return kv4_prefill.kv4_prefill(layers, hq, hkv, d, page_size, sm_scale) \
+            if kv4_prefill.supports(d, dtype) else None
+
+    return SimpleNamespace(**{**vars(kernels), "gpu": True, "w4a8_tensor_core": tensor_core,
+                              "kv4_prefill_tensor_core": prefill})
 
 
 TIR_PIPELINE = "qoqc"

@@ -27,8 +27,9 @@ Per layer, for the T new tokens of a ragged batch (``positions`` [T]: absolute p
                  device, and ``kv4_merge`` combines the splits by their log-sum-exp.
 New tokens are written before attention reads, so a prefill attends to its own (quantized) keys,
 as the fake-quant reference does. The same PrimFuncs run on CPUs (blocks in parallel, each phase's
-threads one after another) and on CUDA (threadIdx, shared memory, explicit barriers); prefill
-uses the same kernel (no tensor cores yet).
+threads one after another) and on CUDA (threadIdx, shared memory, explicit barriers). CUDA builds
+run prefill on the tensor cores (``kv4_prefill``) where its shapes allow; this kernel serves
+decode, and prefill on CPUs and at other shapes.
 """
 
 from __future__ import annotations

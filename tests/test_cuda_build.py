@@ -11,7 +11,8 @@ from schedules import nvcc
 
 
 @pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name,quant", [("qwen2", "fp16"), ("llama", "w8a8"), ("mistral", "rtn-w4a8kv4")])
+@pytest.mark.parametrize("name,quant", [("qwen2", "fp16"), ("llama", "w8a8"), ("mistral", "rtn-w4a8kv4"),
+                                       ("llama", "rtn-w4a8kv4")])
 def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, tiny_dirs, tmp_path):
     out = compile(tiny_dirs[name], target="cuda", arch="sm_90", quant=quant, output=tmp_path / "cuda",
                   dump_ir=True, progress=False)
@@ -27,4 +28,7 @@ def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, tiny_dirs, tmp
         gemms = [k for k in kernels if k.name.startswith("w4a8_gemm")]
         kv4 = {k.name: k for k in kernels if k.name.startswith("kv4_")}
         assert gemms and {"kv4_append_kernel", "kv4_attention_kernel", "kv4_merge_kernel"} <= set(kv4)
+        # prefill attention on the fp16 tensor cores at head_dim 32 (llama); at 16 (mistral) on the split kernel
+        assert ("kv4_prefill_kernel" in kv4) == (name == "llama")
+        assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src) == (name == "llama")
         assert not [k for k in gemms + list(kv4.values()) if k.spill_stores or k.spill_loads], kernels

@@ -226,12 +226,15 @@ class KV4Cache:
 
     Holds the cache tensors (updated in place by each layer) and the step's addressing arrays
     filled by the runtime: ``positions``, ``token_seq``, ``slots`` [T] and ``page_table`` [B, MP].
-    Offers the one method the attention layer calls on TVM's cache.
+    Offers the one method the attention layer calls on TVM's cache. ``prefill``: the step feeds
+    prompts (many tokens per sequence), which the tensor-core kernel serves where the target has it.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, kernels, gpu: bool, page_size: int, data: Tensor,
-                 param: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor, slots: Tensor):
+    def __init__(self, cfg: ModelConfig, dtype: str, kernels, gpu: bool, page_size: int, prefill: bool,
+                 data: Tensor, param: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor,
+                 slots: Tensor):
         self.cfg, self.dtype, self.kernels, self.gpu, self.page_size = cfg, dtype, kernels, gpu, page_size
+        self.prefill = prefill
         self.data, self.param = data, param
         self.positions, self.token_seq, self.page_table, self.slots = positions, token_seq, page_table, slots
 
@@ -247,6 +250,15 @@ class KV4Cache:
                          self.dtype, self.gpu), "kv4_append",
             [self.data, self.param, x, self.positions, self.slots, layer], inplace_indices=[0, 1],
             out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
+        tensor_core = None
+        if self.prefill and k.kv4_prefill_tensor_core is not None:
+            tensor_core = k.kv4_prefill_tensor_core(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size,
+                                                    sm_scale, self.dtype)
+        if tensor_core is not None:
+            out = op.tensor_ir_op(tensor_core, "kv4_prefill",
+                                  [q, self.data, self.param, self.positions, self.token_seq, self.page_table, layer],
+                                  out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
+            return op.reshape(out, (b, t, num_heads, d))
         plan = k.kv4_split_plan(num_heads, cfg.num_kv_heads, d, self.gpu)
         out, workspace = op.tensor_ir_op(
             k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, sm_scale,
@@ -276,19 +288,19 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
         self.page_size = page_size
         self.gpu = "gpu" in target.keys
 
-    def _cache(self, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
-        return KV4Cache(self.cfg, self.dtype, self.kernels, self.gpu, self.page_size, kv_data, kv_param,
+    def _cache(self, prefill, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
+        return KV4Cache(self.cfg, self.dtype, self.kernels, self.gpu, self.page_size, prefill, kv_data, kv_param,
                         positions, token_seq, page_table, slots)
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, positions: Tensor, token_seq: Tensor,
                 page_table: Tensor, slots: Tensor, kv_data: Tensor, kv_param: Tensor):
-        kv = self._cache(positions, token_seq, page_table, slots, kv_data, kv_param)
+        kv = self._cache(True, positions, token_seq, page_table, slots, kv_data, kv_param)
         h = op.take(self.model(input_ids, kv), logit_positions, axis=1)
         return self._logits(h)
 
     def decode(self, input_ids: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor, slots: Tensor,
                kv_data: Tensor, kv_param: Tensor):
-        kv = self._cache(positions, token_seq, page_table, slots, kv_data, kv_param)
+        kv = self._cache(False, positions, token_seq, page_table, slots, kv_data, kv_param)
         return self._logits(self.model(input_ids, kv))
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
