@@ -1,7 +1,7 @@
 """Serving throughput by QServe's protocol: qoqc W4A8KV4 (g128, per-channel) vs qoqc FP16 vs transformers.
 
-    python bench/serving.py [--config bench/configs/llama-3-8b.json] [--arch sm_90] [--input-len 1024]
-                            [--output-len 512] [--kv-memory 0.9] [--schemes A,B,...] [--out FILE]
+    python bench/serving.py [--config bench/configs/llama-3-8b.json] [--num-layers N] [--arch sm_90]
+                            [--input-len 1024] [--output-len 512] [--kv-memory 0.9] [--schemes A,B,...] [--out FILE]
     python bench/serving.py --cpu-check
 
 One random-weight checkpoint of CONFIG (``frontend.synthetic``: speed does not depend on weight
@@ -13,7 +13,8 @@ random tokens in and ``--output-len`` out, time including the batched prefill, 2
 The baseline, in the same run: transformers ``generate`` (fp16, SDPA, its dynamic cache) on the same
 checkpoint at the FP16 build's batch, halved until it fits in memory, greedy with EOS ignored, one
 warm-up. The table gives tokens/s and each row's ratio to the FP16 build (issue target: W4A8KV4 at
-least 2x).
+least 2x). ``--num-layers`` keeps the config's layer shapes but fewer of them, to fit a session's
+GPU time: every engine's step time scales with the layers, its KV bytes per token too.
 
 ``--cpu-check`` runs every row on llvm with ``bench/configs/tiny-llama.json`` and short sequences
 (a pipeline check, not a measurement) and exits non-zero on any failure.
@@ -22,6 +23,7 @@ least 2x).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -75,7 +77,12 @@ def run(args) -> list[tuple[str, int, float]]:
     rows = []
     device = "cuda" if args.target == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="qoqc-serving-") as tmp:
-        model = write_random_checkpoint(args.config, Path(tmp) / "model", progress=not args.quiet)
+        config = Path(args.config)
+        if args.num_layers:
+            raw = json.loads(config.read_text())
+            config = Path(tmp) / "config.json"
+            config.write_text(json.dumps({**raw, "num_hidden_layers": args.num_layers}))
+        model = write_random_checkpoint(config, Path(tmp) / "model", progress=not args.quiet)
         fp16_batch = None
         for name in args.schemes:
             scheme = replace(QUANT_SCHEMES[name], passes=None)
@@ -97,7 +104,8 @@ def run(args) -> list[tuple[str, int, float]]:
 def table(args, rows) -> list[str]:
     dev = torch.cuda.get_device_name() if args.target == "cuda" and torch.cuda.is_available() else "CPU"
     base = next((t for n, _, t in rows if n == "qoqc fp16"), None)
-    lines = [f"Serving throughput, {Path(args.config).name} (random weights), {args.input_len} tokens in / "
+    layers = f", {args.num_layers} layers" if args.num_layers else ""
+    lines = [f"Serving throughput, {Path(args.config).name}{layers} (random weights), {args.input_len} tokens in / "
              f"{args.output_len} out, KV budget {args.kv_memory or 'default'}, {dev}, {date.today()}",
              "", "| engine | batch | tokens/s | vs qoqc fp16 |", "|---|---|---|---|"]
     for name, batch, tps in rows:
@@ -109,6 +117,7 @@ def table(args, rows) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "bench" / "configs" / "llama-3-8b.json"))
+    ap.add_argument("--num-layers", type=int, default=None, help="keep only this many decoder layers")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--arch", default=None)
     ap.add_argument("--input-len", type=int, default=1024)
