@@ -76,8 +76,9 @@ def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
         ("schedule", schedules.schedule(target)),
-        ("vm", seq([t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(),
-                    t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.RewriteCUDAGraph(),
+        # reshape PrimFuncs that became runtime views are dropped, not compiled
+        ("vm", seq([t.RewriteDataflowReshape(), t.DeadCodeElimination(), t.ToNonDataflow(),
+                    t.RemovePurityChecking(), t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.RewriteCUDAGraph(),
                     t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin(),
                     t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol()])),
     ]
@@ -133,7 +134,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         weights = None
         if scheme.weights == "int4":
             say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
-            hf = load_torch_model(model_path)
+            hf = ckpt.torch_model if ckpt.torch_model is not None else load_torch_model(model_path)
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head

@@ -99,3 +99,16 @@ def test_qoq_g128_fp16_artifact_on_real_weights(tmp_path):
     got = eng.logits(ids)
     assert rel_err(got, sim) < 0.2 and rel_err(got, float_logits) < 0.3
     assert (got.argmax(axis=1) == float_logits.argmax(axis=1)).mean() > 0.8  # the same next tokens, mostly
+
+
+def test_a_checkpoint_read_through_transformers_is_not_loaded_again(tiny_dirs, tmp_path, monkeypatch):
+    """GGUF checkpoints are read by building the transformers model; the 4-bit path reuses it."""
+    from qoq_compiler import compiler
+    from qoq_compiler.frontend.checkpoint import from_torch_model
+
+    model = hf_model(tiny_dirs["llama"])
+    monkeypatch.setattr(compiler, "open_checkpoint", lambda path: from_torch_model(model, path, None))
+    monkeypatch.setattr(compiler, "load_torch_model", lambda path: pytest.fail("model loaded a second time"))
+    out = compile(tiny_dirs["llama"], target="llvm", quant=_scheme(32, passes=False), output=tmp_path / "a",
+                  progress=False)
+    assert (out / "manifest.json").is_file()

@@ -32,6 +32,7 @@ class Checkpoint:
     names: list[str]
     read: Callable[[str], torch.Tensor]
     tokenizer: object | None  # a transformers tokenizer, or None when the checkpoint ships none
+    torch_model: object | None = None  # the float32 transformers model, when reading it built one (GGUF)
 
 
 def default_model_path() -> Path:
@@ -157,7 +158,7 @@ def load_torch_model(path: str | Path):
 def from_torch_model(model, path: Path, tokenizer) -> Checkpoint:
     """A checkpoint that reads the (transformed) weights of a transformers model."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    return Checkpoint(path, ModelConfig.from_hf(model.config), sorted(state), state.__getitem__, tokenizer)
+    return Checkpoint(path, ModelConfig.from_hf(model.config), sorted(state), state.__getitem__, tokenizer, model)
 
 
 def _open_gguf(file: Path) -> Checkpoint:
