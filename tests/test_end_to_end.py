@@ -62,6 +62,14 @@ def test_batched_decode_equals_each_alone(name, tiny_artifacts):
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
+def test_generate_batch_takes_more_prompts_than_the_batch(tiny_artifacts):
+    """Five prompts through an engine that decodes two at a time: the rest queue, outputs unchanged."""
+    eng = load(tiny_artifacts["llama"], max_batch_size=2)
+    prompts = [PROMPT, PROMPT[:3], list(range(5, 40)), PROMPT[2:9], [7]]
+    together = eng.generate_batch(prompts, max_new_tokens=12)
+    assert [r.token_ids for r in together] == [eng.generate(p, max_new_tokens=12).token_ids for p in prompts]
+
+
 def test_batched_step_logits_equal_single(tiny_artifacts):
     """One decode call for three sequences of lengths 12, 3, 35 gives each one's own logits."""
     eng = load(tiny_artifacts["mistral"])

@@ -74,7 +74,7 @@ class TextStream:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        (self.result,) = yield from self._pieces
+        self.result = yield from self._pieces
 
 
 class Engine:
@@ -302,26 +302,23 @@ class Engine:
         req = self._request(prompt, max_new_tokens, temperature, top_p, stop, seed, held)
         if sequence is not None:
             req.seq_id = sequence
-        return TextStream(self._run([req], streaming=True))
+        return TextStream(self._run(req))
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
                        temperature: float = 0.0, top_p: float = 1.0, stop: str | Iterable[str] | None = None,
                        seed: int | None = None) -> list[GenerationResult]:
-        """Generate for several prompts together: one batched prefill, then batched decode steps."""
-        if not 0 < len(prompts) <= self.max_batch_size:
-            raise QoqcError(f"batch of {len(prompts)} prompts; this engine holds 1 to {self.max_batch_size}")
-        reqs = [self._request(p, max_new_tokens, temperature, top_p, stop,
-                              None if seed is None else seed + i) for i, p in enumerate(prompts)]
-        pages = sum(-(-(len(r.prompt) + r.max_new_tokens) // self.page_size) for r in reqs)
-        if pages > -(-self.cache_tokens // self.page_size):
-            raise QoqcError(f"batch needs up to {pages} KV-cache pages of {self.page_size} tokens; the cache holds "
-                            f"{self.cache_tokens} tokens")
-        it = self._run(reqs, streaming=False)
-        try:
-            while True:
-                next(it)
-        except StopIteration as stop_it:
-            return stop_it.value
+        """Generate for several prompts, any number of them, by in-flight batching (``Scheduler``):
+        up to ``max_batch_size`` decode together and the others join as they finish; results in
+        prompt order (prompt i sampled with seed + i)."""
+        from .scheduler import Scheduler
+
+        if not prompts:
+            raise QoqcError("generate_batch needs at least one prompt")
+        sched = Scheduler(self)
+        ids = [sched.submit(p, max_new_tokens, temperature, top_p, stop, None if seed is None else seed + i)
+               for i, p in enumerate(prompts)]  # every prompt is validated before any runs
+        results = sched.run()
+        return [results[i] for i in ids]
 
     def _request(self, prompt, max_new_tokens, temperature, top_p, stop, seed, held: int = 0) -> _Request:
         if max_new_tokens < 1:
@@ -333,34 +330,30 @@ class Engine:
         return _Request(-1, ids, min(max_new_tokens, self.context_window - held - len(ids)), temperature, top_p,
                         stops, np.random.default_rng(seed))
 
-    def _run(self, reqs: list[_Request], streaming: bool):
-        """Generator: yields text pieces of reqs[0] when streaming; returns the results."""
-        reqs[0].streaming = streaming
-        opened = [r for r in reqs if r.seq_id < 0]
-        for r in opened:
+    def _run(self, r: _Request):
+        """Generator: yields the text pieces of one request as it decodes; returns its result."""
+        r.streaming = True
+        opened = r.seq_id < 0
+        if opened:
             r.seq_id = self.add_sequence()
         try:
             t0 = time.perf_counter()
-            first = self.prefill([(r.seq_id, r.prompt) for r in reqs])
+            (first,) = self.prefill([(r.seq_id, r.prompt)])
             t1 = time.perf_counter()
-            for r, row in zip(reqs, first):
-                piece = self._accept(r, self._sample(row, r))
-                if streaming and piece:
-                    yield piece
+            piece = self._accept(r, self._sample(first, r))
             while True:
-                live = [r for r in reqs if r.finish is None]
-                if not live:
+                if piece:
+                    yield piece
+                if r.finish is not None:
                     break
-                for r, token in zip(live, self._decode_next(live)):
-                    piece = self._accept(r, token)
-                    if streaming and piece:
-                        yield piece
+                (token,) = self._decode_next([r])
+                piece = self._accept(r, token)
             t2 = time.perf_counter()
         finally:
-            for r in opened:
+            if opened:
                 self.remove_sequence(r.seq_id)
-        return [GenerationResult(r.out, r.text if self.manifest.get("tokenizer") else "", len(r.prompt),
-                                 r.finish, t1 - t0, t2 - t1) for r in reqs]
+        return GenerationResult(r.out, r.text if self.manifest.get("tokenizer") else "", len(r.prompt), r.finish,
+                                t1 - t0, t2 - t1)
 
     @staticmethod
     def _sample(logits: np.ndarray, r: _Request) -> int:
