@@ -14,6 +14,7 @@ from qoq_compiler.errors import QoqcError
 from qoq_compiler.frontend import synthetic
 from qoq_compiler.frontend.checkpoint import open_checkpoint
 from qoq_compiler.runtime import bench
+from qoq_compiler.tvm_env import tvm
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,9 @@ def test_plan_batch_fills_the_budget(random_artifact):
         bench.plan_batch(art, "cpu", 200, 100, 1)
     with pytest.raises(QoqcError, match="cannot hold one sequence"):
         bench.plan_batch(art, "cpu", 40, 20, None, 1000)
+    if not tvm.cuda(0).exist:  # an artifact benchmarked on a GPU this machine lacks: one clear line
+        with pytest.raises(QoqcError, match="no cuda device"):
+            bench.plan_batch(art, "cuda", 40, 20, None, 0.5)
 
 
 def test_throughput_and_latency_run(random_artifact):

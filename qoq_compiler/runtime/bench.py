@@ -72,6 +72,9 @@ def plan_batch(path: str | Path, device: str, input_len: int, output_len: int, b
         raise QoqcError(f"--input-len and --output-len must be at least 1 (got {input_len}, {output_len})")
     if batch is not None and batch < 1:
         raise QoqcError(f"--batch must be at least 1 (got {batch})")
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    if not dev.exist:
+        raise QoqcError(f"no {device} device on this machine")
     manifest = read_manifest(Path(path), verify=False)
     config = ModelConfig.from_dict(manifest["model"])
     if input_len + output_len > config.context_window:
@@ -82,7 +85,6 @@ def plan_batch(path: str | Path, device: str, input_len: int, output_len: int, b
     per_token = bytes_per_token(config, cache["kind"], manifest.get("dtype", "float16"))
     budget = parse_memory(DEFAULT_KV_MEMORY[device] if kv_memory is None else kv_memory)
     if isinstance(budget, float):
-        dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         weights = sum((Path(path) / f).stat().st_size for f in manifest["params"]["files"])
         budget = int(budget * max(free_memory(dev) - weights, 0))
     pages_per_seq = -(-(input_len + output_len) // page)
