@@ -11,7 +11,8 @@ p s' rounded to fp16 (FlashAttention rounds p alike); sum_j p_j lo'_j stays in f
 Rows are (token, query head) pairs of one kv head, r = token * G + head-in-group, so a GQA group
 shares every load of K and V. One CTA (4 warps, 128 threads) takes BM = 64 rows (16 a warp) and
 walks the keys BK = 32 at a time; its rows may belong to several sequences of the ragged batch,
-so it walks each sequence present, masking rows of the others. Per key block, phases behind
+so it walks each sequence present, masking rows of the others (a sequence's tokens are contiguous
+and ``token_seq`` never decreases, as ``runtime.kv_cache`` lays a step out). Per key block, phases behind
 barriers:
   load     K codes -> K_sh [BK, D] as fp16 pairs (u32), V codes -> VT_sh [D, BK] (transposed, u32
            pairs of keys), (s, lo) of K and V -> sc_sh; rows padded by 8 halves (no bank conflicts)
