@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Hugging Face models saved to disk, and their compiled artifacts.
 
-Tiny models reuse the real 512-token tokenizer of stories260K so that text round-trips too.
+Tiny models reuse the real 512-token tokenizer of stories260K so that text round-trips too; without
+the shared data, a byte-level BPE of the same special ids trained on the packaged calibration text
+stands in (``tiny_tokenizer``), so only the tests marked ``requires_shared_data`` skip.
 Weights are random with a larger spread than HF's default init (std 0.02 makes every logit
 nearly equal, which would turn greedy comparisons into coin flips); biases are random, not zero.
 """
@@ -54,8 +56,27 @@ def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def tiny_tokenizer():
+    """stories260K's tokenizer, or (shared data absent) a 400-token byte-level BPE with <unk> 0,
+    <s> 1, </s> 2 trained on the first 200 kB of the packaged calibration text."""
+    import transformers
+
+    if STORIES.is_dir():
+        return transformers.AutoTokenizer.from_pretrained(STORIES)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = (Path(__file__).resolve().parents[1] / "qoq_compiler" / "data" / "calibration.txt").read_text()[:200_000]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
 
 
 @pytest.fixture(scope="session")
