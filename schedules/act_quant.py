@@ -123,10 +123,15 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
 
     @T.macro
     def norm_quant(x, w, qx, sx, xsum, b, t, fsum, fmax, isum):
-        """RMSNorm of the row x[b, t] (its sum of squares already in fsum[0]), then quantize."""
-        row_max(lambda i: normed(x, w, b, t, i, T.rsqrt(fsum[0] * inv_k + eps_)), fmax)
-        quantize_pass(lambda i: normed(x, w, b, t, i, T.rsqrt(fsum[0] * inv_k + eps_)), fmax,
-                      qx, sx, xsum, b, t, isum)
+        """RMSNorm of the row x[b, t] (its sum of squares already in fsum[0]), then quantize; the
+        row's rsqrt is computed once, into fsum[1]."""
+        for tid in inner(THREADS):
+            if gpu:
+                T.tvm_storage_sync("shared")
+            if tid == 0:
+                fsum[1] = T.rsqrt(fsum[0] * inv_k + eps_)
+        row_max(lambda i: normed(x, w, b, t, i, fsum[1]), fmax)
+        quantize_pass(lambda i: normed(x, w, b, t, i, fsum[1]), fmax, qx, sx, xsum, b, t, isum)
 
     @T.macro
     def sum_squares(x, b, t, fsum):
@@ -221,8 +226,13 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
                 row_max(lambda i: silu_mul(gu, b, t, i), fmax)
                 quantize_pass(lambda i: silu_mul(gu, b, t, i), fmax, qx, sx, xsum, b, t, isum)
 
-    # Relax's RewriteDataflowReshape inspects every call_tir of a single tensor argument and needs
-    # a root block there; the CUDA lowering (tirx pipeline) takes it off again (``schedules``).
+    return with_root_block(func)
+
+
+def with_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its body in an empty root block. Relax's RewriteDataflowReshape inspects every
+    call_tir of a single tensor argument and needs one there; the CUDA lowering (tirx pipeline)
+    takes it off again (``schedules``)."""
     root = s_tir.SBlock([], [], [], "root", func.body)
     return func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
 

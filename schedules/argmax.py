@@ -13,8 +13,10 @@ parallel, each phase's threads one after another) and on CUDA.
 from __future__ import annotations
 
 import numpy as np
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.script import tirx as T
+
+from .act_quant import with_root_block
 
 THREADS = 256
 LOG_THREADS = 8
@@ -65,9 +67,7 @@ def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
                 if tid == 0:
                     tokens[b] = where[0]
 
-    # an empty root block for Relax's analyses of single-input calls (see ``act_quant``)
-    root = s_tir.SBlock([], [], [], "root", func.body)
-    return func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
+    return with_root_block(func)
 
 
 def reference(logits: np.ndarray) -> np.ndarray:

@@ -93,13 +93,21 @@ def _load_tokenizer(path: Path, **kwargs):
         return None
 
 
-def _open_safetensors_dir(path: Path) -> Checkpoint:
-    cfg_file = path / "config.json"
+def read_config_json(cfg_file: Path) -> dict:
+    """The raw dict of a Hugging Face config.json, its architecture checked."""
     try:
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QoqcError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise QoqcError(f"{cfg_file} is not a Hugging Face model config (not a JSON object)")
     _check_architecture(raw, cfg_file)
+    return raw
+
+
+def _open_safetensors_dir(path: Path) -> Checkpoint:
+    cfg_file = path / "config.json"
+    raw = read_config_json(cfg_file)
     config = ModelConfig.from_hf(_load_hf_config(path))
 
     index_file = path / "model.safetensors.index.json"

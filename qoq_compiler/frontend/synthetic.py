@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import QoqcError
-from .checkpoint import _check_architecture, _load_hf_config
+from .checkpoint import _load_hf_config, read_config_json
 
 SHARD_BYTES = 2 * 1024 ** 3
 STD = 0.02
@@ -34,13 +34,9 @@ def write_random_checkpoint(config_file: str | Path, out_dir: str | Path, seed: 
     config_file, out = Path(config_file), Path(out_dir)
     if not config_file.is_file():
         raise QoqcError(f"config file does not exist: {config_file}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QoqcError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    raw = read_config_json(config_file)
+    if "model_type" not in raw:
         raise QoqcError(f"{config_file} is not a Hugging Face model config (no model_type)")
-    _check_architecture(raw, config_file)
     out.mkdir(parents=True, exist_ok=True)
     raw.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps({**raw, "dtype": "float16"}, indent=2))

@@ -122,11 +122,9 @@ def _round(engine: Engine, prompts: list[list[int]], output_len: int, bar) -> tu
     return t1 - t0, t2 - t1
 
 
-def throughput(path: str | Path, device: str, input_len: int = 1024, output_len: int = 512,
-               batch: int | None = None, kv_memory=None, warmup: int = 2, repeats: int = 1, seed: int = 0,
-               progress: bool = True) -> ThroughputResult:
-    batch, cache_tokens = plan_batch(path, device, input_len, output_len, batch, kv_memory)
-    engine = Engine(path, device=device, max_total_tokens=cache_tokens, max_batch_size=batch)
+def _timed_rounds(engine: Engine, batch: int, input_len: int, output_len: int, warmup: int, repeats: int,
+                  seed: int, progress: bool) -> list[tuple[float, float]]:
+    """(prefill, decode) seconds of ``repeats`` rounds after ``warmup`` untimed ones, new prompts each."""
     rng = np.random.default_rng(seed)
     times = []
     with tqdm(total=(warmup + repeats) * (output_len - 1), unit="step", desc=f"batch {batch}",
@@ -135,6 +133,15 @@ def throughput(path: str | Path, device: str, input_len: int = 1024, output_len:
             t = _round(engine, _prompts(engine, batch, input_len, rng), output_len, bar)
             if i >= warmup:
                 times.append(t)
+    return times
+
+
+def throughput(path: str | Path, device: str, input_len: int = 1024, output_len: int = 512,
+               batch: int | None = None, kv_memory=None, warmup: int = 2, repeats: int = 1, seed: int = 0,
+               progress: bool = True) -> ThroughputResult:
+    batch, cache_tokens = plan_batch(path, device, input_len, output_len, batch, kv_memory)
+    engine = Engine(path, device=device, max_total_tokens=cache_tokens, max_batch_size=batch)
+    times = _timed_rounds(engine, batch, input_len, output_len, warmup, repeats, seed, progress)
     return ThroughputResult(batch, input_len, output_len, cache_tokens, statistics.mean(t[0] for t in times),
                             statistics.mean(t[1] for t in times))
 
@@ -145,13 +152,6 @@ def latency(path: str | Path, device: str, input_len: int = 1024, output_len: in
         raise QoqcError("latency mode needs --output-len of at least 2 (one decode step after the first token)")
     _, cache_tokens = plan_batch(path, device, input_len, output_len, 1)
     engine = Engine(path, device=device, max_total_tokens=cache_tokens, max_batch_size=1)
-    rng = np.random.default_rng(seed)
-    times = []
-    with tqdm(total=(warmup + repeats) * (output_len - 1), unit="step", desc="batch 1",
-              disable=not progress) as bar:
-        for i in range(warmup + repeats):
-            t = _round(engine, _prompts(engine, 1, input_len, rng), output_len, bar)
-            if i >= warmup:
-                times.append(t)
+    times = _timed_rounds(engine, 1, input_len, output_len, warmup, repeats, seed, progress)
     return LatencyResult(input_len, output_len, statistics.median(t[0] for t in times),
                          statistics.median((output_len - 1) / t[1] for t in times))
