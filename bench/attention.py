@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qoq_compiler.tvm_env import tvm  # noqa: E402
-import schedules  # noqa: E402
+from schedules import pipeline  # noqa: E402
 from schedules import kv4_attention as ka  # noqa: E402
 from schedules import kv4_prefill as kp  # noqa: E402
 from schedules import nvcc  # noqa: E402
@@ -55,8 +55,8 @@ def _cuda_kernels(arch: str, hq: int = HQ, hkv: int = HKV, d: int = D, layers: i
              "prefill": kp.kv4_prefill(layers, hq, hkv, d, PAGE, d ** -0.5)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     with target:
-        mod = schedules.schedule(target)(mod)  # the model pipeline's rules
-    return tvm.compile(mod, target=target, tir_pipeline=schedules.TIR_PIPELINE)
+        mod = pipeline.schedule(target)(mod)  # the model pipeline's rules
+    return tvm.compile(mod, target=target, tir_pipeline=pipeline.TIR_PIPELINE)
 
 
 def cpu_check() -> int:

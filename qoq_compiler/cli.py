@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     c.add_argument("--target", default="llvm", help="llvm or cuda (default: llvm)")
     c.add_argument("--arch", default=None,
-                   help="cuda: sm_80, sm_89 or sm_90 (default sm_80); llvm: an LLVM CPU name (default: this CPU)")
+                   help="cuda: GPU archs to compile device code for, comma-separated (default sm_80,sm_89,sm_90; "
+                        "PTX of the newest is added for later GPUs); llvm: an LLVM CPU name (default: this CPU)")
     c.add_argument("--quant", default="fp16", help=f"quantization scheme: {', '.join(QUANT_SCHEMES)} (default: fp16)")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
     c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")

@@ -4,14 +4,15 @@ The only module that imports every stage. The Relax pipeline is one ordered list
 
     1. graph       Relax-level rewrites on the operator graph (X @ W^T without a transposed copy)
     2. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
-    3. schedule    TensorIR schedule rules for the target (``schedules.default_rules``)
+    3. schedule    TensorIR schedule rules for the target (``schedules.pipeline.default_rules``)
     4. vm          memory planning and lowering to the Relax VM
 
 ``--dump-ir`` writes the Relax IR as exported and after the pipeline into ``OUT/ir/`` (and, for
 CUDA, the generated kernels as ``kernels.cu``).
 
-A CUDA artifact holds the kernels as CUDA source, compiled for the GPU when the artifact is
-loaded (NVRTC, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``); no GPU is needed to compile.
+A CUDA artifact holds its kernels as device code compiled ahead of time (a fatbin with SASS for
+every ``--arch`` and PTX of the newest, ``schedules.nvcc``), so loading it compiles nothing and
+needs TVM's runtime libraries only; nvcc is needed to compile, no GPU.
 """
 
 from __future__ import annotations
@@ -40,22 +41,33 @@ from .tvm_env import tvm
 import tvm_ffi  # noqa: E402  (after tvm_env's version check)
 from tvm import relax  # noqa: E402
 
-import schedules  # noqa: E402
-from schedules import nvcc  # noqa: E402
+from schedules import nvcc, pipeline  # noqa: E402
 
 TARGETS = ("llvm", "cuda")
-CUDA_ARCHS = ("sm_80", "sm_89", "sm_90")
+#: GPU archs a CUDA artifact may carry device code for (mma.sync s8 m16n8k32 and cp.async need sm_80)
+CUDA_ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_120")
+DEFAULT_CUDA_ARCHS = "sm_80,sm_89,sm_90"
 SHARD_BYTES = 2 << 30
 KV4_PAGE_SIZE = 16
 
 
+def cuda_archs(arch: str | None) -> list[str]:
+    """The archs of a comma-separated ``--arch`` (default ``DEFAULT_CUDA_ARCHS``), validated and in
+    increasing order. Kernels are generated for the first (the oldest: its code runs on every
+    later one) and compiled to SASS for each; PTX of the last rides along for newer GPUs."""
+    names = [a.strip() for a in (arch or DEFAULT_CUDA_ARCHS).split(",") if a.strip()]
+    bad = [a for a in names if a not in CUDA_ARCHS]
+    if bad or not names:
+        raise QoqcError(f"invalid CUDA arch {bad[0] if bad else arch!r} (choose from {', '.join(CUDA_ARCHS)}, "
+                        "several separated by commas)")
+    return sorted(set(names), key=lambda a: int(a[3:]))
+
+
 def make_target(target: str, arch: str | None = None) -> "tvm.target.Target":
-    """``llvm`` (``arch`` = LLVM CPU name, default this machine's) or ``cuda`` (``arch`` = sm_XX, default sm_80)."""
+    """``llvm`` (``arch`` = LLVM CPU name, default this machine's) or ``cuda`` (``arch`` = sm_XX list,
+    default ``DEFAULT_CUDA_ARCHS``; the target names the oldest)."""
     if target == "cuda":
-        arch = arch or "sm_80"
-        if arch not in CUDA_ARCHS:
-            raise QoqcError(f"invalid CUDA arch {arch!r} (choose from {', '.join(CUDA_ARCHS)})")
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=_host_target())
+        return tvm.target.Target({"kind": "cuda", "arch": cuda_archs(arch)[0]}, host=_host_target())
     if target == "llvm":
         if arch is not None and arch.startswith("sm_"):
             raise QoqcError(f"--arch {arch} is a CUDA arch; use it with --target cuda")
@@ -75,7 +87,7 @@ def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
         ("graph", seq([t.FuseTransposeMatmul()])),
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
-        ("schedule", schedules.schedule(target)),
+        ("schedule", pipeline.schedule(target)),
         # reshape PrimFuncs that became runtime views are dropped, not compiled
         ("vm", seq([t.RewriteDataflowReshape(), t.DeadCodeElimination(), t.ToNonDataflow(),
                     t.RemovePurityChecking(), t.CallTIRRewrite(), t.StaticPlanBlockMemory(), t.RewriteCUDAGraph(),
@@ -102,6 +114,9 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
     scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
     quant = scheme.name
     tgt = make_target(target, arch)
+    if target == "cuda" and nvcc.nvcc_path() is None:
+        raise QoqcError("--target cuda compiles device code ahead of time with nvcc, which is not on PATH "
+                        "(install the CUDA toolkit, or set CUDA_PATH)")
     if kv_page_size is not None and scheme.kv != "int4":
         raise QoqcError(f"--kv-page-size: scheme {scheme.name} keeps TVM's float KV cache, whose pages hold 16 "
                         "tokens; the page size is an option of the 4-bit cache (the *-w4a8kv4 schemes)")
@@ -138,7 +153,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head
-        kernels = schedules.kernels_for(tgt)
+        kernels = pipeline.kernels_for(tgt)
         if scheme.kv == "int4":
             model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size)
         else:
@@ -163,12 +178,19 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         if dump_ir:
             (tmp / "ir" / "relax_after.py").write_text(mod.script(show_meta=False))
         bar.set_postfix_str("codegen")
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=None, tir_pipeline=schedules.TIR_PIPELINE)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=None, tir_pipeline=pipeline.TIR_PIPELINE)
         if dump_ir and target == "cuda":
             (tmp / "ir" / "kernels.cu").write_text(nvcc.cuda_source(ex))
         bar.update()
         bar.set_postfix_str("export")
-        ex.export_library(str(tmp / LIBRARY))
+        device_code = None
+        if target == "cuda":
+            archs = cuda_archs(arch)
+            images = nvcc.export_library(ex, tmp / LIBRARY, archs, archs[-1], tgt.host)
+            device_code = {"format": "fatbin", "sass": [a for kind, a in images if kind == "sass"],
+                           "ptx": [a for kind, a in images if kind == "ptx"]}
+        else:
+            ex.export_library(str(tmp / LIBRARY))
         bar.update()
         bar.close()
 
@@ -188,6 +210,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
             "kv_cache": cache,
             "library": LIBRARY,
+            **({"device_code": device_code} if device_code else {}),
             "params": {"files": shards, "names": [n for n, _, _ in params]},
             "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,
         })

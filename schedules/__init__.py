@@ -1,118 +1,16 @@
-"""TensorIR schedules qoqc applies to the functions the Relax pipeline lowers.
+"""qoqc's TensorIR kernels and schedule rules, one module per kernel family.
 
-``default_rules(target)`` is the ordered rule list: on GPUs, dlight's generic rules; on CPUs
-qoqc's vectorized, multi-core reduction rule (``cpu_matmul``), other functions staying as
-legalized loops (``dlight.cpu.GEMV`` is left out: it stalls LLVM codegen for minutes on LLM
-shapes). Functions already scheduled (the KV-cache kernels, the tensor-core GEMM, tagged
-``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
+    pipeline       the compiler's schedule phase and TIR pipeline; the kernels a target's model emits
+    act_quant      fused residual add + RMSNorm / silu·mul + per-token INT8 quantization
+    argmax         greedy token choice on the device
+    w4a8_gemm      portable W4A8 GEMM (TE);  w4a8_gemm_tc: tensor-core W4A8 GEMM for CUDA
+    w8a8_gemm      W8A8 GEMM (TE)
+    kv4_attention  RoPE + KV4 append, split-context paged KV4 attention and its merge
+    kv4_prefill    tensor-core KV4 prefill attention for CUDA
+    cpu_matmul     the CPU reduction schedule rule
+    nvcc           device code ahead of time (fatbin) and ptxas' resource report
+    reference/     the NumPy reference of every kernel family, importable with TVM's runtime only
 
-``kernels_for(target)`` is what the model's quantized layers emit: TE compute definitions and
-hand-written PrimFuncs (activation quantization, KV4; ``gpu`` picks their CUDA form) on every
-target, plus the hand-written tensor-core W4A8 GEMM on CUDA. That kernel is TVMScript written
-against PTX (``T.ptx``); it must be lowered by TVM's ``tirx`` pipeline, which keeps its explicit
-shared buffers as declared (the default ``s_tir`` pipeline compacts buffers only addressed through
-pointers). ``TIR_PIPELINE`` ("qoqc") lowers functions tagged ``qoqc.tir_pipeline = "tirx"`` that
-way and everything else with ``s_tir``.
+Importing the package imports nothing: the kernel modules need TVM's compiler, the references
+and ``nvcc`` do not (the GPU test lane runs references beside kernels built elsewhere).
 """
-
-from functools import lru_cache
-from types import SimpleNamespace
-
-import tvm
-from tvm import s_tir, tirx
-from tvm.s_tir import dlight as dl
-
-from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
-from .cpu_matmul import CPUReduction
-from .intrin import load_cuda_intrinsics
-
-#: Compute definitions and kernels that the model emits (handed to the frontend by the compiler).
-kernels = SimpleNamespace(gpu=False, act_quant=act_quant.act_quant, argmax=argmax.argmax,
-                          w8a8_matmul=w8a8_gemm.w8a8_matmul, w4a8_matmul=w4a8_gemm.w4a8_matmul,
-                          w4a8_tensor_core=None, rope_q=kv4_attention.rope_q, kv4_append=kv4_attention.kv4_append,
-                          kv4_attention=kv4_attention.kv4_attention, kv4_merge=kv4_attention.kv4_merge,
-                          kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape,
-                          kv4_prefill_tensor_core=None)
-
-
-def kernels_for(target) -> SimpleNamespace:
-    """``kernels`` for ``target``: on CUDA, ``w4a8_tensor_core(n, k, group)`` gives the tensor-core
-    GEMM PrimFunc for a linear, or None where its shape needs the portable kernel, and
-    ``kv4_prefill_tensor_core(layers, hq, hkv, d, page_size, sm_scale, dtype)`` the tensor-core
-    prefill attention, or None where ``kv4_attention`` serves prefill too."""
-    if target.kind.name != "cuda":
-        return kernels
-
-    @lru_cache(maxsize=None)
-    def tensor_core(n: int, k: int, group: int | None):
-        return w4a8_gemm_tc.tensor_core_gemm(n, k, group) if w4a8_gemm_tc.supports_tensor_cores(n, k, group) else None
-
-    def prefill(layers: int, hq: int, hkv: int, d: int, page_size: int, sm_scale: float, dtype: str):
-        return kv4_prefill.kv4_prefill(layers, hq, hkv, d, page_size, sm_scale) \
-            if kv4_prefill.supports(d, dtype) else None
-
-    return SimpleNamespace(**{**vars(kernels), "gpu": True, "w4a8_tensor_core": tensor_core,
-                              "kv4_prefill_tensor_core": prefill})
-
-
-TIR_PIPELINE = "qoqc"
-
-
-def _tir_pipeline():
-    s_tir_pass, finalize_host, finalize_device = tirx.get_tir_pipeline("s_tir")
-    tirx_pass, _, _ = tirx.get_tir_pipeline("tirx")
-
-    @tvm.transform.module_pass(opt_level=0, name="QoqcTIRPipeline")
-    def lower(mod, _ctx):
-        tagged = {gv: f for gv, f in mod.functions.items()
-                  if isinstance(f, tirx.PrimFunc) and f.attrs is not None
-                  and f.attrs.get("qoqc.tir_pipeline") == "tirx"}
-        if not tagged:
-            return s_tir_pass(mod)
-        rest = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in tagged}, attrs=mod.attrs)
-        out = s_tir_pass(rest)
-        tagged = {gv: _without_root_block(f) for gv, f in tagged.items()}
-        for gv, f in tirx_pass(tvm.IRModule(tagged, attrs=mod.attrs)).functions.items():
-            out[gv] = f
-        return out
-
-    return lower, finalize_host, finalize_device
-
-
-def _without_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """The body of an empty root block (no buffers, no iterators) lifted out: the tirx lowering has
-    no block support, and such a block only serves Relax's analyses (``act_quant``)."""
-    body = func.body
-    if isinstance(body, s_tir.SBlockRealize) and not body.block.iter_vars and not body.block.alloc_buffers:
-        return func.with_body(body.block.body)
-    return func
-
-
-tirx.register_tir_pipeline(TIR_PIPELINE, _tir_pipeline)
-
-
-@tvm.transform.module_pass(opt_level=0, name="KeepInt8OffWmma")
-def keep_int8_off_wmma(mod, _ctx):
-    """Tag functions that read int8 buffers ``dlight.do_not_tensorize``.
-
-    dlight's int8 WMMA path fails to compile in TVM 0.27 (InjectSoftwarePipeline); tagged
-    functions get its SIMT matmul schedule instead, until qoqc's own tensor-core kernels take over.
-    """
-    out = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and any(hasattr(p, "dtype") and str(p.dtype) == "int8" for p in func.params):
-            func = func.with_attr("dlight.do_not_tensorize", True)
-        out[gv] = func
-    return tvm.IRModule(out, attrs=mod.attrs, global_infos=mod.global_infos)
-
-
-def schedule(target) -> "tvm.transform.Pass":
-    """The pipeline's schedule phase for ``target``."""
-    return tvm.transform.Sequential([keep_int8_off_wmma, dl.ApplyDefaultSchedule(*default_rules(target))])
-
-
-def default_rules(target) -> list:
-    if "gpu" not in target.keys:
-        return [CPUReduction()]
-    load_cuda_intrinsics()  # dlight's tensor-core rules import them; do it the fast way first
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]

@@ -22,19 +22,18 @@ thread rereads only what it wrote or read itself: no barrier guards the row). Ph
 block reduction], quantization pass (qx written, partial xsum), block reduction. Block-wide
 reductions run as a shared-memory tree behind barriers. The row is read from HBM once; the
 later passes reread it from cache. The same PrimFuncs run on CPUs (rows in parallel, each
-phase's threads one after another) and on CUDA.
+phase's threads one after another) and on CUDA. Reference: ``schedules/reference/act_quant.py``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-KINDS = ("quantize", "rmsnorm", "add_rmsnorm", "silu_mul")
+from .reference.act_quant import KINDS, RANGE_FLOOR
+
 THREADS = 256
 LOG_THREADS = 8
-RANGE_FLOOR = 1e-4  # as quant.reference: a zero row keeps a positive scale
 
 
 def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> tirx.PrimFunc:
@@ -232,27 +231,6 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
 def with_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with its body in an empty root block. Relax's RewriteDataflowReshape inspects every
     call_tir of a single tensor argument and needs one there; the CUDA lowering (tirx pipeline)
-    takes it off again (``schedules``)."""
+    takes it off again (``schedules.pipeline``)."""
     root = s_tir.SBlock([], [], [], "root", func.body)
     return func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
-
-
-def reference(kind: str, *inputs: np.ndarray, dtype: str = "float32", eps: float = 1e-6):
-    """NumPy outputs of ``act_quant(kind)`` for its inputs, computed in float64 between the same
-    rounding points: (x_out,)? + (qx, sx, xsum)."""
-    rnd = (lambda v: v.astype(dtype).astype(np.float64))
-    f = [np.asarray(a, dtype=np.float64) for a in inputs]
-    out = ()
-    if kind == "quantize":
-        v = f[0]
-    elif kind == "silu_mul":
-        k = f[0].shape[-1] // 2
-        g, u = f[0][..., :k], f[0][..., k:]
-        v = rnd(g / (1 + np.exp(-g)) * u)
-    else:
-        x, w = (rnd(f[0] + f[1]), f[2]) if kind == "add_rmsnorm" else (f[0], f[1])
-        out = (x.astype(dtype),) if kind == "add_rmsnorm" else ()
-        v = rnd(x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w)
-    sx = (np.maximum(np.abs(v).max(axis=-1, keepdims=True), RANGE_FLOOR) / 127).astype(np.float16)
-    qx = np.clip(np.round(v / sx.astype(np.float64)), -127, 127).astype(np.int8)
-    return (*out, qx, sx, qx.astype(np.int32).sum(axis=-1, keepdims=True, dtype=np.int32))

@@ -7,12 +7,11 @@ vocabulary would otherwise copy 131 MB to the host and scan it there at every st
 Layout: logits fp32 [B, 1, V], tokens int32 [B]. One block per row, THREADS threads striding over
 it (coalesced); each thread keeps its first maximum, then a shared-memory tree combines (value,
 index) pairs, the larger value winning and the smaller index on ties. Runs on CPUs (rows in
-parallel, each phase's threads one after another) and on CUDA.
+parallel, each phase's threads one after another) and on CUDA. Reference: ``schedules/reference/argmax.py``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -68,8 +67,3 @@ def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
                     tokens[b] = where[0]
 
     return with_root_block(func)
-
-
-def reference(logits: np.ndarray) -> np.ndarray:
-    """NumPy tokens [B] of logits [B, 1, V]."""
-    return np.argmax(logits[:, 0], axis=-1).astype(np.int32)

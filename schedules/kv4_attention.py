@@ -29,14 +29,13 @@ New tokens are written before attention reads, so a prefill attends to its own (
 as the fake-quant reference does. The same PrimFuncs run on CPUs (blocks in parallel, each phase's
 threads one after another) and on CUDA (threadIdx, shared memory, explicit barriers). CUDA builds
 run prefill on the tensor cores (``kv4_prefill``) where its shapes allow; this kernel serves
-decode, and prefill on CPUs and at other shapes.
+decode, and prefill on CPUs and at other shapes. Reference: ``schedules/reference/kv4.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from tvm import te, tirx
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
@@ -441,17 +440,3 @@ def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gp
                     out[bx // num_q_heads, bx % num_q_heads, d] = T.Cast(dtype, st[2] / st[1])
 
     return merge
-
-
-def reference(q: np.ndarray, k_hist: list[np.ndarray], v_hist: list[np.ndarray], sm_scale: float) -> np.ndarray:
-    """float64 attention of each query q[t] [Hq, D] over its dequantized history k_hist[t] [J, Hkv, D]."""
-    out = np.empty(q.shape, dtype=np.float64)
-    group = q.shape[1] // k_hist[0].shape[1]
-    for t in range(q.shape[0]):
-        k = np.repeat(k_hist[t].astype(np.float64), group, axis=1)  # [J, Hq, D]
-        v = np.repeat(v_hist[t].astype(np.float64), group, axis=1)
-        s = np.einsum("hd,jhd->hj", q[t].astype(np.float64), k) * sm_scale
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        out[t] = np.einsum("hj,jhd->hd", p, v)
-    return out

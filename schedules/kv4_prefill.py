@@ -23,7 +23,7 @@ barriers:
   values   per warp: O *= correction, then BK / 16 x D / 8 mma of P_sh with VT_sh
 ``PrefillMaps`` holds every index the kernel computes; ``emulate`` runs the kernel's phases in
 NumPy through the same maps with the PTX ISA's m16n8k16 fragment layouts, so CPU tests check the
-data movement against ``kv4_attention.reference`` without a GPU.
+data movement against ``schedules/reference/kv4.py`` without a GPU.
 """
 
 from __future__ import annotations

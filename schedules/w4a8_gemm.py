@@ -23,7 +23,7 @@ shorter last group, G = ceil(K/g).
 
 ``w4a8_matmul`` is the TE compute the model emits (token axes of any rank, output dtype of the
 caller's choice, scheduled by the target's rules); ``w4a8_gemm`` wraps it as a PrimFunc that also
-returns ``psum`` so tests check the integer math exactly against ``reference``.
+returns ``psum`` so tests check the integer math exactly against ``schedules/reference/w4a8_gemm.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from qoq_compiler.layout import mma_channel_position, mma_index, unpack_uint4_mma
+from qoq_compiler.layout import mma_channel_position, mma_index
 
 def bytes_mul_sub(q4, s, z, u32=np.uint32):
     """Four bytes (q_i * s - z) mod 256 from u8x4 codes ``q4`` (each <= 15), a scale s <= 16 and a
@@ -110,24 +110,3 @@ def w4a8_gemm(k: int, n: int, group: int | None) -> tirx.PrimFunc:
     psum = _psum(qx, qw, extra, n, group)
     y = _epilogue(psum, sx, s1, extra, group, "float16")
     return te.create_prim_func([qx, sx, qw, s1, *extra, psum, y])
-
-
-def reference(qx, sx, qw, s1, *extra, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy (psum int32 [M, N], y fp16 [M, N]) of the same integer math and fp32 epilogue,
-    arguments in the PrimFunc's order and layouts."""
-    k, n = qx.shape[1], s1.shape[0]
-    codes = unpack_uint4_mma(qw, n, k).astype(np.int64)
-    x = qx.astype(np.int64)
-    sxf, s1f = sx.astype(np.float32).reshape(-1, 1), s1.astype(np.float32)[None, :]
-    if group is None:
-        z, xsum = extra
-        psum = x @ codes.T
-        y = psum.astype(np.float32) * sxf * s1f \
-            - z.astype(np.float32)[None, :] * sxf * xsum.astype(np.float32).reshape(-1, 1)
-    else:
-        pos = mma_channel_position(np.arange(n))
-        s2, z2 = (np.repeat(a[:, pos].T.astype(np.int64), group, axis=1)[:, :k] for a in extra)
-        psum = x @ (codes * s2 - z2).T
-        y = psum.astype(np.float32) * sxf * s1f
-    return psum.astype(np.int32), y.astype(np.float16)
-

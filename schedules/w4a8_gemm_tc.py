@@ -23,7 +23,7 @@ one at run time from M (``DEFAULT_TILES``: decode, medium, prefill).
 
 Every index the kernel computes comes from ``TileMaps``; ``emulate`` runs the same maps in NumPy
 with the PTX ISA's definitions of ldmatrix and the m16n8k32 fragments, so CPU tests check the
-kernel's data movement against ``w4a8_gemm.reference`` without a GPU.
+kernel's data movement against ``schedules/reference/w4a8_gemm.py`` without a GPU.
 """
 
 from __future__ import annotations

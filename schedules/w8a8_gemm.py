@@ -8,12 +8,11 @@
 Weights are quantized offline (``quant.reference.quantize_per_token`` on W's rows gives qw, sw),
 activations by the kernel that produces them (``act_quant``). The GEMM is written in TE over a
 token axis of any rank, so the model emits it as is and the target's schedule rules pick it up
-(on CPU, ``cpu_matmul``'s k-innermost reduction rule).
+(on CPU, ``cpu_matmul``'s k-innermost reduction rule). Reference: ``schedules/reference/w8a8_gemm.py``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import te
 
 
@@ -26,13 +25,3 @@ def w8a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, sw: te.Tensor) -> t
                                                      axis=r), name="psum")
     return te.compute((*lead, n), lambda *i: psum[i].astype("float32") * sx[(*i[:-1], 0)].astype("float32")
                       * sw[i[-1]].astype("float32"), name="y")
-
-
-def reference(x: np.ndarray, qw: np.ndarray, sw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy (psum int32, y fp32) of the same math, activations quantized as above."""
-    xf = np.asarray(x, dtype=np.float32)
-    sx = (np.maximum(np.abs(xf).max(axis=-1, keepdims=True), np.float32(1e-4)) / np.float32(127)).astype(np.float16)
-    qx = np.clip(np.round(xf / sx.astype(np.float32)), -127, 127).astype(np.int64)
-    psum = qx @ qw.astype(np.int64).T
-    y = psum.astype(np.float32) * sx.astype(np.float32) * sw.astype(np.float32)
-    return psum.astype(np.int32), y

@@ -7,31 +7,23 @@ import pytest
 
 from qoq_compiler.tvm_env import tvm
 from schedules import act_quant
+from schedules.reference import act_quant as ref
 
 
-def _inputs(kind: str, b: int, t: int, k: int, dtype: str, rng) -> list[np.ndarray]:
-    rows = rng.standard_normal((b, t, k)) * rng.uniform(0.05, 4, (b, t, 1))  # a different range per token
-    w = rng.uniform(0.5, 1.5, k).astype(dtype)
-    return {"quantize": [rows.astype(dtype)],
-            "rmsnorm": [rows.astype(dtype), w],
-            "add_rmsnorm": [rows.astype(dtype), rng.standard_normal((b, t, k)).astype(dtype), w],
-            "silu_mul": [(rng.standard_normal((b, t, 2 * k)) * 2).astype(dtype)]}[kind]
-
-
-@pytest.mark.parametrize("kind", act_quant.KINDS)
+@pytest.mark.parametrize("kind", ref.KINDS)
 @pytest.mark.parametrize("k,dtype", [(64, "float32"), (300, "float32"), (576, "float16"), (1000, "float16")])
 def test_act_quant_equals_reference(kind, k, dtype):
     rng = np.random.default_rng(k)
     func = act_quant.act_quant(kind, k, dtype, gpu=False, eps=1e-5)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
-    ins = _inputs(kind, 2, 3, k, dtype, rng)
-    ref = act_quant.reference(kind, *ins, dtype=dtype, eps=1e-5)
-    args = [tvm.runtime.tensor(a) for a in ins] + [tvm.runtime.tensor(np.zeros(r.shape, r.dtype)) for r in ref]
+    ins = ref.random_inputs(kind, 2, 3, k, dtype, rng)
+    expected = ref.reference(kind, *ins, dtype=dtype, eps=1e-5)
+    args = [tvm.runtime.tensor(a) for a in ins] + [tvm.runtime.tensor(np.zeros(r.shape, r.dtype)) for r in expected]
     lib["main"](*args)
     got = [a.numpy() for a in args[len(ins):]]
-    for g, r in zip(got, ref):
+    for g, r in zip(got, expected):
         assert g.dtype == r.dtype and (g == r).all()
-    qx, sx = ref[-3], ref[-2]
+    qx, sx = expected[-3], expected[-2]
     assert np.abs(qx).max() == 127 and len(np.unique(sx)) == 6  # every row uses its full int8 range
 
 

@@ -10,6 +10,7 @@ import pytest
 from qoq_compiler.quant import reference as qref
 from qoq_compiler.tvm_env import tvm
 from schedules import kv4_attention as ka
+from schedules.reference import kv4 as ref
 from tvm import te
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -25,15 +26,6 @@ def _t(a):
 
 
 THETA = 10000.0
-
-
-def rope_reference(x: np.ndarray, pos: np.ndarray, theta: float = THETA) -> np.ndarray:
-    """float64 RoPE (rotate-half layout) of x [T, H, D] at positions pos [T]."""
-    d = x.shape[-1]
-    angle = pos[:, None].astype(np.float64) * theta ** (-np.arange(0, d, 2) / d)       # [T, D/2]
-    cos, sin = (np.concatenate([f(angle)] * 2, axis=-1)[:, None] for f in (np.cos, np.sin))
-    rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
-    return x * cos + rotated * sin
 
 
 def append_tokens(k, v, pos, cache, slots, layer):
@@ -61,13 +53,7 @@ def append_tokens(k, v, pos, cache, slots, layer):
 def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
     rng = np.random.default_rng(hq * d + sum(lengths))
     layers, layer = 3, 1
-    pages = sum(-(-n // page) for n in lengths) + 3  # spare pages stay unread
-    # pages handed out in a shuffled order: the kernels must follow the page table
-    free = list(rng.permutation(pages))
-    table = np.zeros((len(lengths), max(-(-n // page) for n in lengths)), "int32")
-    for b, n in enumerate(lengths):
-        for i in range(-(-n // page)):
-            table[b, i] = free.pop()
+    table, pages = ref.page_table(lengths, page, 3, rng)  # shuffled pages, 3 spare ones never read
     seq = np.concatenate([[b] * n for b, n in enumerate(lengths)]).astype("int32")
     pos = np.concatenate([np.arange(n) for n in lengths]).astype("int32")
     slots = (table[seq, pos // page] * page + pos % page).astype("int32")
@@ -78,12 +64,11 @@ def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
              _t(rng.standard_normal((layers, 2, pages * page, hkv, 2)).astype("float16")))
 
     k_rot = append_tokens(k, v, pos, cache, slots, layer)
-    assert np.linalg.norm(k_rot - rope_reference(k, pos)) / np.linalg.norm(k) < 1e-5  # RoPE is RoPE
+    assert np.linalg.norm(k_rot - ref.rope(k, pos, THETA)) / np.linalg.norm(k) < 1e-5  # RoPE is RoPE
     data, param = cache[0].numpy()[layer][:, slots], cache[1].numpy()[layer][:, slots]  # [2, T, Hkv, ...]
     for i, x in enumerate((k_rot, v)):  # codes and (scale, min) equal the NumPy spec bit for bit
-        q_ref, s_ref, lo_ref = qref.kv4_quantize(x)
-        assert (data[i] == (q_ref[..., 0::2] | (q_ref[..., 1::2] << 4))).all()
-        assert (param[i, ..., 0] == s_ref).all() and (param[i, ..., 1] == lo_ref).all()
+        data_ref, param_ref = ref.packed_codes(x)
+        assert (data[i] == data_ref).all() and (param[i] == param_ref).all()
 
     k_hat = qref.kv4_dequantize(*qref.kv4_quantize(k_rot))
     v_hat = qref.kv4_dequantize(*qref.kv4_quantize(v))
@@ -91,17 +76,17 @@ def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
     sm = d ** -0.5
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]])[seq]  # each token's sequence start row
     hist = [slice(first[t], first[t] + pos[t] + 1) for t in range(n)]
-    ref = ka.reference(q, [k_hat[h] for h in hist], [v_hat[h] for h in hist], sm)
+    expected = ref.attention(q, [k_hat[h] for h in hist], [v_hat[h] for h in hist], sm)
     # the CPU plan (contexts split only for few tokens), then the GPU plan with the smallest splits:
     # every context longer than one step of keys is cut into parts that kv4_merge combines
     for plan in (ka.split_plan(hq, hkv, d, gpu=False),
                  ka.split_plan(hq, hkv, d, gpu=True, min_chunk=ka.split_plan(hq, hkv, d, gpu=True).keys)):
         got = attend(q, cache, pos, seq, table, layer, page, sm, plan)
-        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5, plan
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5, plan
         # decode: one query per sequence (its last position) — few blocks, so long contexts split
         last = np.cumsum(lengths) - 1
         got = attend(q[last], cache, pos[last], seq[last], table, layer, page, sm, plan)
-        assert np.linalg.norm(got - ref[last]) / np.linalg.norm(ref[last]) < 1e-5, plan
+        assert np.linalg.norm(got - expected[last]) / np.linalg.norm(expected[last]) < 1e-5, plan
 
 
 def attend(q, cache, pos, seq, table, layer, page, sm, plan):

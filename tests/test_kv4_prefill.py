@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qoq_compiler.tvm_env import tvm
-from schedules import kv4_attention as ka
 from schedules import kv4_prefill as kp
 from schedules import nvcc
+from schedules.reference import kv4 as ref
 
 
 def _case(hq, hkv, d, page, seqs, seed=0):
@@ -18,24 +18,17 @@ def _case(hq, hkv, d, page, seqs, seed=0):
     rng = np.random.default_rng(seed)
     layers, layer = 2, 1
     lengths = [h + n for h, n in seqs]
-    pages = sum(-(-n // page) for n in lengths) + 2
-    free = list(rng.permutation(pages))  # pages out of order: the kernel must follow the table
-    table = np.zeros((len(seqs), max(-(-n // page) for n in lengths)), "int32")
-    for b, n in enumerate(lengths):
-        for i in range(-(-n // page)):
-            table[b, i] = free.pop()
+    table, pages = ref.page_table(lengths, page, 2, rng)  # pages out of order: the kernel must follow it
     data = rng.integers(0, 256, size=(layers, 2, pages * page, hkv, d // 2)).astype("uint8")
     param = np.stack([rng.uniform(0.01, 0.3, size=(layers, 2, pages * page, hkv)),
                       rng.uniform(-2, 0, size=(layers, 2, pages * page, hkv))], axis=-1).astype("float16")
     seq = np.concatenate([[b] * n for b, (_, n) in enumerate(seqs)]).astype("int32")
     pos = np.concatenate([np.arange(h, h + n) for h, n in seqs]).astype("int32")
     q = (rng.standard_normal((len(seq), hq, d)) * 0.5).astype("float16")
-    codes = np.stack([data & 15, data >> 4], axis=-1).reshape(layers, 2, pages * page, hkv, d).astype(np.float64)
-    deq = codes * param[..., :1].astype(np.float64) + param[..., 1:].astype(np.float64)
-    hist = [table[seq[t], np.arange(pos[t] + 1) // page] * page + np.arange(pos[t] + 1) % page
-            for t in range(len(seq))]
-    ref = ka.reference(q, [deq[layer, 0, h] for h in hist], [deq[layer, 1, h] for h in hist], d ** -0.5)
-    return (q, data, param, pos, seq, table, layer, page, d ** -0.5, hkv), ref
+    deq = ref.dequantize(data, param)
+    hist = ref.history_slots(table, seq, pos, page)
+    expected = ref.attention(q, [deq[layer, 0, h] for h in hist], [deq[layer, 1, h] for h in hist], d ** -0.5)
+    return (q, data, param, pos, seq, table, layer, page, d ** -0.5, hkv), expected
 
 
 @pytest.mark.parametrize("hq,hkv,d,page,seqs", [
@@ -63,7 +56,7 @@ def test_supported_shapes():
 @pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_prefill_compiles_on_tensor_cores_without_spills(arch):
-    from schedules import TIR_PIPELINE
+    from schedules.pipeline import TIR_PIPELINE
 
     funcs = {f"prefill_{d}_{hq}": kp.kv4_prefill(2, hq, hkv, d, 16, d ** -0.5).with_attr("global_symbol",
                                                                                         f"prefill_{d}_{hq}")

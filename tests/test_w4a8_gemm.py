@@ -11,6 +11,7 @@ from qoq_compiler.quant import reference as qref
 from qoq_compiler.quant.convert import weight_params
 from qoq_compiler.tvm_env import tvm
 from schedules import w4a8_gemm
+from schedules.reference import w4a8_gemm as w4a8_ref
 from conftest import w4a8_case
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
@@ -92,7 +93,7 @@ def _run(func, *arrays, out_shapes):
                                          (2, 172, 16, None), (3, 172, 16, 64)])  # 172: padded K
 def test_w4a8_gemm_matches_reference(m, k, n, group):
     x, w, qw, args = w4a8_case(m, n, k, group, seed=m + k + n)
-    psum_ref, y_ref = w4a8_gemm.reference(*args, group=group)
+    psum_ref, y_ref = w4a8_ref.reference(*args, group=group)
     psum, y = _run(w4a8_gemm.w4a8_gemm(k, n, group), *args, out_shapes=[((m, n), "int32"), ((m, n), "float16")])
     qx, sx = args[:2]
     assert (psum == psum_ref).all()  # integer accumulators: exact

@@ -11,6 +11,7 @@ from qoq_compiler.quant import reference as qref
 from qoq_compiler.tvm_env import tvm
 from schedules import act_quant, w8a8_gemm
 from schedules.cpu_matmul import CPUReduction
+from schedules.reference import w8a8_gemm as w8a8_ref
 
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
@@ -43,7 +44,7 @@ def test_w8a8_matches_numpy_exactly(m, k, n):
     y = tvm.runtime.tensor(np.zeros((1, m, n), "float32"))
     libs[0]["main"](tvm.runtime.tensor(x), qx, sx, xsum)
     libs[1]["main"](qx, sx, tvm.runtime.tensor(qw), tvm.runtime.tensor(sw), y)
-    psum_ref, y_ref = w8a8_gemm.reference(x, qw, sw)
+    psum_ref, y_ref = w8a8_ref.reference(x, qw, sw)
     assert (y.numpy() == y_ref).all()
     # the int8 codes are the reference quantizer's (same fp16 scale, same rounding)
     q_ref, s_ref = qref.quantize_per_token(x.astype(np.float32))

@@ -3,7 +3,7 @@
 One float model for every precision: a quantization scheme changes the linear layers (the pass
 ``passes.quantize_linears`` swaps each ``Linear`` for its quantized op) and the KV cache
 (``LlamaKV4ForCausalLM`` below); everything else is shared. The KV4 cache emits the compute
-definitions the compiler hands in (``kernels``, from ``schedules``), so this file names no kernel.
+definitions the compiler hands in (``kernels``, from ``schedules.pipeline``), so this file names no kernel.
 
 Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
     qkv = RMSNorm(x) @ W_qkv^T (+ b_qkv)        [T, (Hq + 2 Hkv) D]    (q, k, v fused)
@@ -131,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
     """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied).
 
     Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
-    ``kernels``: the hand-written kernels the compiler hands in (``schedules.kernels_for``).
+    ``kernels``: the hand-written kernels the compiler hands in (``schedules.pipeline.kernels_for``).
     """
 
     def __init__(self, cfg: ModelConfig, dtype: str, target, kernels):

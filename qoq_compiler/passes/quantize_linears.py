@@ -12,7 +12,7 @@ produces the activation (``schedules.act_quant``):
     mlp.act                                     SiluMulQuant      silu(gate) * up + quantize
     o_proj's input (the attention output)       the linear quantizes it itself
 The exported Relax IR thus holds these calls where the float model had norms, activations and
-matmuls, each a ``call_tir`` of the kernels handed in as ``kernels`` (``schedules``); the
+matmuls, each a ``call_tir`` of the kernels handed in as ``kernels`` (``schedules.pipeline``); the
 tensor-core GEMM plugs in behind the same ops.
 """
 

@@ -2,7 +2,8 @@
 
     OUT/
       manifest.json            versions, target, model config, quant scheme, parameter order, sha256 of every file
-      model.so                 the compiled Relax VM executable (host code + device code or source)
+      model.so                 the compiled Relax VM executable: host code, and for CUDA a fatbin of the
+                               kernels (SASS per compiled arch + PTX; ``manifest["device_code"]``)
       params-00000.safetensors parameters in the layout the module expects (sharded at 2 GiB)
       tokenizer/               tokenizer files with the chat template (absent if the checkpoint has none)
       ir/                      Relax IR before and after the pipeline (only with --dump-ir)
@@ -103,3 +104,24 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict[str, Any]:
             if sha256(p) != digest:
                 raise QoqcError(f"corrupt artifact: {p} was altered after compile (sha256 mismatch)")
     return doc
+
+
+def check_device_code(manifest: dict[str, Any], root: Path, compute_version: str, gpu: str) -> None:
+    """Refuse a CUDA artifact that holds no code this GPU (compute capability "9.0") can run.
+
+    SASS for sm_XY runs on GPUs of major X and minor >= Y; PTX for compute_XY is compiled by the
+    driver for any GPU of compute capability XY or newer."""
+    code = manifest.get("device_code")
+    if code is None:
+        raise QoqcError(f"artifact {root} holds CUDA source that TVM would compile at load (written by a qoqc "
+                        "before ahead-of-time device code): recompile it")
+    major, minor = (int(v) for v in compute_version.split("."))
+    sass = [(int(a[3:-1]), int(a[-1])) for a in code.get("sass", [])]
+    ptx = [(int(a[8:-1]), int(a[-1])) for a in code.get("ptx", [])]
+    if any(M == major and m <= minor for M, m in sass) or any((M, m) <= (major, minor) for M, m in ptx):
+        return
+    have = ", ".join(code.get("sass", []) + [f"PTX {a}" for a in code.get("ptx", [])])
+    fix = (f"recompile it with --arch including sm_{major}{minor}" if major >= 8 else
+           "qoqc's CUDA kernels need sm_80 or newer")
+    raise QoqcError(f"this GPU ({gpu}) is sm_{major}{minor}, and artifact {root} has device code for {have} only: "
+                    + fix)

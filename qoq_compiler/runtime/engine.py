@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
-from .artifact import read_manifest
+from .artifact import check_device_code, read_manifest
 from .kv_cache import KV4PagedCache, TVMPagedCache, bytes_per_token, capacity_tokens, parse_memory
 
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
@@ -100,6 +100,8 @@ class Engine:
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
         if not self.device.exist:
             raise QoqcError(f"no {device} device on this machine")
+        if kind == "cuda":
+            check_device_code(self.manifest, self.path, self.device.compute_version, self.device.device_name)
         cache = self.manifest.get("kv_cache", {"kind": "tvm-paged"})
         if cache["kind"] not in ("kv4-paged", "tvm-paged"):
             raise QoqcError(f"artifact {self.path} needs a KV cache of kind {cache['kind']!r}, "

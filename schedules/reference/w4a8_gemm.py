@@ -1,0 +1,57 @@
+"""Reference of ``schedules.w4a8_gemm`` and ``schedules.w4a8_gemm_tc``: the W4A8 integer math in
+NumPy (int32 accumulators exact, fp32 epilogue rounded to fp16), arguments in the kernels' layouts
+(``qoq_compiler.layout``), and random valid arguments to test them on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qoq_compiler.layout import mma_channel_position, pack_uint4_mma, to_mma_channel_order, unpack_uint4_mma
+
+
+def reference(qx, sx, qw, s1, *extra, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy (psum int32 [M, N], y fp16 [M, N]) of the same integer math and fp32 epilogue,
+    arguments in the PrimFunc's order and layouts."""
+    k, n = qx.shape[1], s1.shape[0]
+    codes = unpack_uint4_mma(qw, n, k).astype(np.int64)
+    x = qx.astype(np.int64)
+    sxf, s1f = sx.astype(np.float32).reshape(-1, 1), s1.astype(np.float32)[None, :]
+    if group is None:
+        z, xsum = extra
+        psum = x @ codes.T
+        y = psum.astype(np.float32) * sxf * s1f \
+            - z.astype(np.float32)[None, :] * sxf * xsum.astype(np.float32).reshape(-1, 1)
+    else:
+        pos = mma_channel_position(np.arange(n))
+        s2, z2 = (np.repeat(a[:, pos].T.astype(np.int64), group, axis=1)[:, :k] for a in extra)
+        psum = x @ (codes * s2 - z2).T
+        y = psum.astype(np.float32) * sxf * s1f
+    return psum.astype(np.int32), y.astype(np.float16)
+
+
+def random_weights(n: int, k: int, group: int | None, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Random valid weights in the kernels' layout: (qw, s1, e0) with e0 = z [N] per channel or
+    (s2, z2) per group: codes 0..15, fp16 scales, group scales 1..16 and zeros that keep
+    q * s2 - z2 in int8 (as the progressive quantizer guarantees)."""
+    qw = pack_uint4_mma(rng.integers(0, 16, size=(n, k), dtype=np.uint8))
+    s1 = rng.uniform(0.0005, 0.005, size=n).astype(np.float16)
+    if group is None:
+        return qw, s1, rng.uniform(0, 0.05, size=n).astype(np.float16)
+    s2 = rng.integers(1, 17, size=(n, -(-k // group)))
+    z2 = rng.integers(np.maximum(15 * s2 - 127, -128), 128)
+    return (qw, s1, *(np.ascontiguousarray(to_mma_channel_order(a.astype(np.int8)).T) for a in (s2, z2)))
+
+
+def random_activations(m: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(qx int8 [M, K], sx fp16 [M, 1]): every row uses the full int8 range."""
+    qx = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
+    qx[:, 0] = 127
+    return qx, rng.uniform(0.001, 0.05, size=(m, 1)).astype(np.float16)
+
+
+def kernel_args(qx: np.ndarray, sx: np.ndarray, weights: tuple[np.ndarray, ...], group: int | None) -> tuple:
+    """The kernels' inputs (qx, sx, qw, s1, *extra): per channel extra = (z, xsum), xsum from qx."""
+    qw, s1, *rest = weights
+    if group is None:
+        return qx, sx, qw, s1, rest[0], qx.sum(axis=1, keepdims=True, dtype=np.int32)
+    return (qx, sx, qw, s1, *rest)
