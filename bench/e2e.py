@@ -1,13 +1,15 @@
 """Batch-1 latency of a qoqc artifact vs Hugging Face transformers, measured in the same run.
 
-    python bench/e2e.py [--model MODEL] [--target cuda] [--quant fp16] [--prompt-len 128] [--new-tokens 128]
+    python bench/e2e.py --model MODEL [--target cuda] [--quant fp16] [--prompt-len 128] [--new-tokens 128]
 
-Compiles MODEL (default: the embedded SmolLM2-135M-Instruct), then for each engine: one warm-up
-request, then ``--repeats`` timed requests of a random ``--prompt-len``-token prompt (fixed seed,
-never all zeros) with ``--new-tokens`` greedy tokens forced (EOS ignored by generating token ids).
+Compiles MODEL (a Hugging Face directory, or a .gguf where the ``gguf`` package is installed: the
+GPU machine has none, so there is no default), then for each engine: one warm-up request, then
+``--repeats`` timed requests of a random ``--prompt-len``-token prompt (fixed seed, never all
+zeros) with ``--new-tokens`` greedy tokens forced (EOS ignored by generating token ids).
 Reports prefill tokens/s (prompt tokens / time to first token) and decode tokens/s (median).
 The baseline is transformers ``generate`` (SDPA attention, the artifact's activation dtype, same
-device), and the greedy tokens of both are compared (a quantized scheme may diverge after a while). Prints a Markdown table for bench/RESULTS.md.
+device), and the greedy tokens of both are compared (a quantized scheme may diverge after a
+while). Prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qoq_compiler  # noqa: E402
-from qoq_compiler.frontend.checkpoint import default_model_path  # noqa: E402
 
 
 def bench_qoqc(engine, ids, new_tokens, repeats):
@@ -75,7 +76,7 @@ def bench_hf(model_path, ids, new_tokens, repeats, device, dtype):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--arch", default=None)
     ap.add_argument("--quant", default="fp16")
@@ -86,7 +87,7 @@ def main():
     args = ap.parse_args()
 
     device = "cuda" if args.target == "cuda" else "cpu"
-    model_path = Path(args.model) if args.model else default_model_path()
+    model_path = Path(args.model)
     art = qoq_compiler.compile(model_path, target=args.target, arch=args.arch, quant=args.quant,
                                output=args.output, progress=False)
     engine = qoq_compiler.load(art, device=device)

@@ -67,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                        "states tokens/s.")
     b.add_argument("artifact", nargs="?", default=None, help="artifact directory written by 'qoqc compile'")
     b.add_argument("--config-only", metavar="CONFIG.json", default=None,
-                   help="instead of an artifact: compile a random-weight model of this Hugging Face config "
-                        "(speed does not depend on the weights; calibration passes are skipped)")
+                   help="instead of an artifact: compile this Hugging Face config with random weights, drawn "
+                        "at load (speed does not depend on the weights; no quantization or calibration runs)")
     b.add_argument("--target", default="llvm", help="--config-only: llvm or cuda (default: llvm)")
     b.add_argument("--arch", default=None, help="--config-only: the target's arch, as for compile")
     b.add_argument("--quant", default="fp16", help=f"--config-only: {', '.join(QUANT_SCHEMES)} (default: fp16)")
@@ -173,14 +173,12 @@ def _bench(args) -> None:
     with tempfile.TemporaryDirectory(prefix="qoqc-bench-") as tmp:
         if args.config_only is not None:
             from .compiler import compile as compile_model
-            from .frontend.synthetic import write_random_checkpoint
 
             if args.quant not in QUANT_SCHEMES:
                 raise QoqcError(f"invalid quant scheme {args.quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
             scheme = replace(QUANT_SCHEMES[args.quant], passes=None)
-            model = write_random_checkpoint(args.config_only, Path(tmp) / "model", args.seed, not args.quiet)
-            art = compile_model(model, target=args.target, quant=scheme, output=Path(tmp) / "artifact",
-                                arch=args.arch, progress=not args.quiet)
+            art = compile_model(args.config_only, target=args.target, quant=scheme, output=Path(tmp) / "artifact",
+                                arch=args.arch, progress=not args.quiet, random_weights=True)
         else:
             art = Path(args.artifact)
         manifest = read_manifest(art, verify=False)

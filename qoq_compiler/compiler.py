@@ -30,6 +30,7 @@ from .errors import QoqcError
 from .frontend.checkpoint import default_model_path, from_torch_model, load_torch_model, open_checkpoint
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
+from .frontend.synthetic import open_config
 from .passes.quantize_linears import QuantizeLinears
 from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
@@ -103,12 +104,14 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
 
 def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = "fp16",
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
-            progress: bool = True, kv_page_size: int | None = None) -> Path:
+            progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
     an artifact directory and return its path. ``quant`` names a scheme of ``QUANT_SCHEMES`` or is a
     ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly).
     ``kv_page_size``: tokens per page of qoqc's 4-bit KV cache (default 16; the float schemes use
-    TVM's cache, whose kernels need 16)."""
+    TVM's cache, whose kernels need 16). ``random_weights``: ``model`` is a config.json (or a
+    directory holding one) and no weight is written: the artifact records each parameter's shape
+    and dtype and the runtime draws them at load (for benchmarks: speed does not depend on them)."""
     if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
     scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
@@ -129,7 +132,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
 
     with writing(out) as tmp:
         say = tqdm.write if progress else (lambda *_: None)
-        ckpt = open_checkpoint(model_path)
+        ckpt = open_config(model_path) if random_weights else open_checkpoint(model_path)
         cfg = ckpt.config
         say(f"qoqc: {cfg.architecture} from {model_path}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
@@ -147,7 +150,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
 
         t0 = time.perf_counter()
         weights = None
-        if scheme.weights == "int4":
+        if scheme.weights == "int4" and not random_weights:
             say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
             hf = ckpt.torch_model if ckpt.torch_model is not None else load_torch_model(model_path)
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
@@ -165,8 +168,15 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             (tmp / "ir").mkdir()
             (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
 
-        quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
-        shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
+        if random_weights:
+            say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
+            params_doc = {"files": [], "names": [n for n, _, _ in params],
+                          "random": {"seed": 0, "shapes": [list(s) for _, s, _ in params],
+                                     "dtypes": [d for _, _, d in params]}}
+        else:
+            quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
+            shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
+            params_doc = {"files": shards, "names": [n for n, _, _ in params]}
 
         phases = pipeline_phases(tgt)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
@@ -211,7 +221,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             "kv_cache": cache,
             "library": LIBRARY,
             **({"device_code": device_code} if device_code else {}),
-            "params": {"files": shards, "names": [n for n, _, _ in params]},
+            "params": params_doc,
             "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,
         })
         say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")

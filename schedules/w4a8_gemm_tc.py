@@ -313,8 +313,8 @@ def tensor_core_gemm(n: int, k: int, group: int | None, tiles=DEFAULT_TILES) -> 
 
 
 def build(n: int, k: int, group: int | None, arch: str = "sm_90", tiles=DEFAULT_TILES):
-    """The kernel alone as a runtime module for ``arch`` (global symbol ``w4a8_gemm``); CUDA source
-    only, no GPU or nvcc needed (compiled at load, or by ``schedules.nvcc``)."""
+    """The kernel alone, compiled for ``arch`` (global symbol ``w4a8_gemm``) and holding CUDA source:
+    what ``schedules.nvcc``'s checks read; no GPU or nvcc needed."""
     func = tensor_core_gemm(n, k, group, tiles).with_attr("global_symbol", "w4a8_gemm")
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     return tvm.compile(tvm.IRModule({"w4a8_gemm": func}), target=target, tir_pipeline="tirx")

@@ -1,4 +1,4 @@
-"""``qoqc bench``: random-weight checkpoints of a config, batch planning, throughput and latency runs."""
+"""``qoqc bench``: artifacts of a config with random weights, batch planning, throughput and latency runs."""
 
 from __future__ import annotations
 
@@ -11,40 +11,45 @@ import torch
 from qoq_compiler import compile
 from qoq_compiler.cli import main
 from qoq_compiler.errors import QoqcError
-from qoq_compiler.frontend import synthetic
-from qoq_compiler.frontend.checkpoint import open_checkpoint
 from qoq_compiler.runtime import bench
+from qoq_compiler.runtime.artifact import params_bytes, random_params, read_manifest
 from qoq_compiler.tvm_env import tvm
 
 
 @pytest.fixture(scope="module")
 def random_artifact(tiny_dirs, tmp_path_factory):
-    """A sharded random-weight checkpoint of the tiny Llama config, and its fp32 artifact."""
+    """The tiny Llama's config.json alone, and its fp32 artifact of random weights."""
     root = tmp_path_factory.mktemp("bench")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(synthetic, "SHARD_BYTES", 60_000)  # several shards and an index, as a 7B model has
-    model = synthetic.write_random_checkpoint(tiny_dirs["llama"] / "config.json", root / "model", progress=False)
-    mp.undo()
-    return model, compile(model, target="llvm", quant="fp32", output=root / "art", progress=False)
+    config = root / "llama.json"
+    config.write_text((tiny_dirs["llama"] / "config.json").read_text())
+    return config, compile(config, target="llvm", quant="fp32", output=root / "art", progress=False,
+                           random_weights=True)
 
 
-def test_random_checkpoint_has_every_tensor_of_the_config(random_artifact, tiny_dirs):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_random_weights_artifact_declares_the_parameters_of_a_real_one(random_artifact, tiny_artifacts):
+    from safetensors.numpy import load_file
 
-    model, _ = random_artifact
-    assert (model / "model.safetensors.index.json").is_file() and len(list(model.glob("*.safetensors"))) > 2
-    ckpt = open_checkpoint(model)
-    with torch.device("meta"):
-        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_dirs["llama"])))
-    shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
-    assert sorted(ckpt.names) == sorted(shapes)
-    for name in ckpt.names:
-        t = ckpt.read(name)
-        assert tuple(t.shape) == shapes[name] and t.dtype == torch.float16
-        if name.endswith("norm.weight"):
-            assert (t == 1).all()
-        else:
-            assert 0.015 < float(t.float().std()) < 0.025
+    _, art = random_artifact
+    manifest, real = read_manifest(art), read_manifest(tiny_artifacts["llama"])
+    assert manifest["params"]["files"] == [] and not list(art.glob("*.safetensors"))
+    assert manifest["params"]["names"] == real["params"]["names"] and manifest["tokenizer"] is None
+    arrays = {}
+    for f in real["params"]["files"]:
+        arrays.update(load_file(str(tiny_artifacts["llama"] / f)))
+    drawn = list(random_params(manifest["params"]))
+    assert [(a.shape, a.dtype) for a in drawn] == [(arrays[n].shape, arrays[n].dtype) for n in real["params"]["names"]]
+    assert params_bytes(manifest, art) == sum(a.nbytes for a in drawn) == sum(a.nbytes for a in arrays.values())
+    for a in drawn:  # finite, never zero, within +-[1/128, 1/64); the same draw every time
+        assert np.isfinite(a).all() and (np.abs(a) >= 1 / 128).all() and (np.abs(a) < 1 / 64).all()
+    assert all((x == y).all() for x, y in zip(drawn, random_params(manifest["params"])))
+
+
+def test_random_weights_artifact_serves(random_artifact):
+    from qoq_compiler import load
+
+    _, art = random_artifact
+    r = load(art).generate([1, 7, 99], max_new_tokens=5)
+    assert r.prompt_tokens == 3 and 1 <= len(r.token_ids) <= 5
 
 
 def test_plan_batch_fills_the_budget(random_artifact):
@@ -103,14 +108,6 @@ def test_cli_errors(argv, message, tiny_dirs, tmp_path, capsys):
     argv = [str(tmp_path / a) if a in files else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-
-
-def test_random_weights_are_seeded(tiny_dirs, tmp_path):
-    a = synthetic.write_random_checkpoint(tiny_dirs["llama"] / "config.json", tmp_path / "a", seed=3, progress=False)
-    b = synthetic.write_random_checkpoint(tiny_dirs["llama"] / "config.json", tmp_path / "b", seed=3, progress=False)
-    ra, rb = open_checkpoint(a), open_checkpoint(b)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert np.array_equal(ra.read(name).numpy(), rb.read(name).numpy())
 
 
 def test_decode_greedy_equals_host_argmax(random_artifact):

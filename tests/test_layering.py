@@ -1,8 +1,10 @@
-"""The pipeline's import direction: leaves <- frontend <- compiler; the runtime needs no compiler stage."""
+"""The pipeline's import direction: leaves <- frontend <- compiler; the runtime needs no compiler stage,
+and runs on TVM's runtime libraries alone (as on a GPU machine without TVM's compiler)."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +23,16 @@ FORBIDDEN = {
     "runtime": {"frontend", "compiler", "schedules", "passes", "quant", "torch"},  # (tvm itself may import torch)
     "schedules": {"qoq_compiler.frontend", "qoq_compiler.quant", "qoq_compiler.compiler", "qoq_compiler.runtime",
                   "qoq_compiler.cli"},  # kernels see only the leaves (layout, errors, tvm_env)
+    # the kernels' NumPy references also read the number formats they implement (quant.reference), never TVM
+    "schedules.reference": {"qoq_compiler.frontend", "qoq_compiler.compiler", "qoq_compiler.runtime",
+                            "qoq_compiler.cli", "tvm", "tvm_ffi", "torch"},
 }
 
 
 def _group(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("").parts
     if rel[0] == "schedules":
-        return "schedules"
+        return "schedules.reference" if rel[1] == "reference" else "schedules"
     return rel[1]
 
 
@@ -68,3 +73,36 @@ def test_running_an_artifact_loads_no_compiler(tiny_artifacts):
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_artifact_serves_with_tvm_runtime_only(tiny_artifacts, tmp_path):
+    """TVM as ``bench/gpu_check.py`` packs it for a GPU machine (no libtvm_compiler.so) with
+    TVM_USE_RUNTIME_LIB=1: load, generate, and ``qoqc bench ARTIFACT``; the compiler library is
+    never mapped."""
+    import tarfile
+
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import _pack_runtime
+
+    _pack_runtime(tmp_path / "rt", wheel=False)
+    site = tmp_path / "site"
+    with tarfile.open(tmp_path / "rt" / "tvm_rt.tar.xz") as tar:
+        tar.extractall(site, filter="data")
+    assert not (site / "tvm" / "lib" / "libtvm_compiler.so").exists()
+    art = str(tiny_artifacts["llama"])
+    code = (
+        "import sys, qoq_compiler\n"
+        "from qoq_compiler.cli import main\n"
+        f"r = qoq_compiler.load({art!r}).generate([1, 2, 3], max_new_tokens=4)\n"
+        "assert len(r.token_ids) == 4\n"
+        f"assert main(['bench', {art!r}, '--batch', '2', '--input-len', '8', '--output-len', '3', '--warmup', '0',"
+        " '--quiet']) == 0\n"
+        "import tvm\n"
+        f"assert tvm.__file__.startswith({str(site)!r}), tvm.__file__\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "assert 'libtvm_runtime.so' in maps and 'libtvm_compiler' not in maps\n"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1", "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "throughput:" in proc.stdout

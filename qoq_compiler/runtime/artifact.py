@@ -4,7 +4,9 @@
       manifest.json            versions, target, model config, quant scheme, parameter order, sha256 of every file
       model.so                 the compiled Relax VM executable: host code, and for CUDA a fatbin of the
                                kernels (SASS per compiled arch + PTX; ``manifest["device_code"]``)
-      params-00000.safetensors parameters in the layout the module expects (sharded at 2 GiB)
+      params-00000.safetensors parameters in the layout the module expects (sharded at 2 GiB); none for an
+                               artifact of random weights (``manifest["params"]["random"]``: shapes and
+                               dtypes, drawn at load by ``random_params``)
       tokenizer/               tokenizer files with the chat template (absent if the checkpoint has none)
       ir/                      Relax IR before and after the pipeline (only with --dump-ir)
 
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from ..errors import QoqcError
 
@@ -125,3 +129,38 @@ def check_device_code(manifest: dict[str, Any], root: Path, compute_version: str
            "qoqc's CUDA kernels need sm_80 or newer")
     raise QoqcError(f"this GPU ({gpu}) is sm_{major}{minor}, and artifact {root} has device code for {have} only: "
                     + fix)
+
+
+#: bits kept and set when drawing floats: random sign and mantissa, exponent fixed at 2^-7, so
+#: every value lies in +-[1/128, 1/64): finite, never zero, no products that overflow fp16
+_FLOAT_BITS = {"float16": (np.uint16, 0x83FF, 0x2000), "float32": (np.uint32, 0x807FFFFF, 0x3C000000)}
+
+
+def random_params(spec: dict[str, Any]) -> Iterator[np.ndarray]:
+    """The parameters of a random-weight artifact (``spec`` = ``manifest["params"]``), in order:
+    integers uniform over their whole range, floats as in ``_FLOAT_BITS``; drawn as random 64-bit
+    words (about 1 GB/s on one core), reproducibly from the recorded seed."""
+    rand = spec["random"]
+    rng = np.random.default_rng(rand["seed"])
+
+    def words(count: int, dtype) -> np.ndarray:
+        nbytes = count * np.dtype(dtype).itemsize
+        raw = rng.integers(0, np.iinfo(np.uint64).max, size=-(-nbytes // 8), dtype=np.uint64, endpoint=True)
+        return raw.view(np.uint8)[:nbytes].view(dtype)
+
+    for shape, dtype in zip(rand["shapes"], rand["dtypes"]):
+        count = int(np.prod(shape, dtype=np.int64))
+        if dtype in _FLOAT_BITS:
+            word, keep, fixed = _FLOAT_BITS[dtype]
+            yield (words(count, word) & word(keep) | word(fixed)).view(dtype).reshape(shape)
+        else:
+            yield words(count, dtype).reshape(shape)
+
+
+def params_bytes(manifest: dict[str, Any], root: Path) -> int:
+    """Bytes the artifact's parameters take on the device."""
+    spec = manifest["params"]
+    if "random" in spec:
+        return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
+                   for s, d in zip(spec["random"]["shapes"], spec["random"]["dtypes"]))
+    return sum((Path(root) / f).stat().st_size for f in spec["files"])

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
-from .artifact import read_manifest
+from .artifact import params_bytes, read_manifest
 from .engine import PAGE_SIZE, Engine
 from .kv_cache import bytes_per_token, free_memory, parse_memory
 
@@ -85,8 +85,7 @@ def plan_batch(path: str | Path, device: str, input_len: int, output_len: int, b
     per_token = bytes_per_token(config, cache["kind"], manifest.get("dtype", "float16"))
     budget = parse_memory(DEFAULT_KV_MEMORY[device] if kv_memory is None else kv_memory)
     if isinstance(budget, float):
-        weights = sum((Path(path) / f).stat().st_size for f in manifest["params"]["files"])
-        budget = int(budget * max(free_memory(dev) - weights, 0))
+        budget = int(budget * max(free_memory(dev) - params_bytes(manifest, Path(path)), 0))
     pages_per_seq = -(-(input_len + output_len) // page)
     fits = budget // (per_token * page) // pages_per_seq
     if batch is None:

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file
 from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
-from .artifact import check_device_code, read_manifest
+from .artifact import check_device_code, random_params, read_manifest
 from .kv_cache import KV4PagedCache, TVMPagedCache, bytes_per_token, capacity_tokens, parse_memory
 
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
@@ -134,6 +134,8 @@ class Engine:
     # ---------------------------------------------------------------- loading
     def _load_params(self) -> list:
         spec = self.manifest["params"]
+        if "random" in spec:  # an artifact compiled from a config alone (benchmarks)
+            return [tvm.runtime.tensor(a, self.device) for a in random_params(spec)]
         arrays: dict[str, np.ndarray] = {}
         for f in spec["files"]:
             arrays.update(load_file(str(self.path / f)))

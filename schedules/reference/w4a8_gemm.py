@@ -13,18 +13,19 @@ def reference(qx, sx, qw, s1, *extra, group: int | None = None) -> tuple[np.ndar
     """NumPy (psum int32 [M, N], y fp16 [M, N]) of the same integer math and fp32 epilogue,
     arguments in the PrimFunc's order and layouts."""
     k, n = qx.shape[1], s1.shape[0]
-    codes = unpack_uint4_mma(qw, n, k).astype(np.int64)
-    x = qx.astype(np.int64)
+    # integer products summed in float64 (BLAS) are exact: every partial sum stays below 2^53
+    codes = unpack_uint4_mma(qw, n, k).astype(np.float64)
+    x = qx.astype(np.float64)
     sxf, s1f = sx.astype(np.float32).reshape(-1, 1), s1.astype(np.float32)[None, :]
     if group is None:
         z, xsum = extra
-        psum = x @ codes.T
+        psum = (x @ codes.T).astype(np.int64)
         y = psum.astype(np.float32) * sxf * s1f \
             - z.astype(np.float32)[None, :] * sxf * xsum.astype(np.float32).reshape(-1, 1)
     else:
         pos = mma_channel_position(np.arange(n))
-        s2, z2 = (np.repeat(a[:, pos].T.astype(np.int64), group, axis=1)[:, :k] for a in extra)
-        psum = x @ (codes * s2 - z2).T
+        s2, z2 = (np.repeat(a[:, pos].T.astype(np.float64), group, axis=1)[:, :k] for a in extra)
+        psum = (x @ (codes * s2 - z2).T).astype(np.int64)
         y = psum.astype(np.float32) * sxf * s1f
     return psum.astype(np.int32), y.astype(np.float16)
 

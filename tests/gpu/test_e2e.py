@@ -1,0 +1,22 @@
+"""End to end on the device: CUDA artifacts built on a CPU machine give the greedy tokens their llvm
+builds of the same weights gave there (``bench/gpu_check.py prepare`` recorded them)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_greedy_tokens_equal_the_llvm_build(prebuilt):
+    from qoq_compiler.runtime.engine import Engine
+
+    assert prebuilt.spec["e2e"], "nothing prepared"
+    for entry in prebuilt.spec["e2e"]:
+        engine = Engine(prebuilt.artifact(entry), device=prebuilt.device)
+        got = engine.generate(entry["prompt"], max_new_tokens=len(entry["tokens"])).token_ids
+        expected = [t for t in entry["tokens"] if t not in engine.config.eos_token_ids]
+        if got != expected:
+            i = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            pytest.fail(f"{entry['name']} {entry['quant']}: greedy tokens differ from the llvm build at step {i} "
+                        f"(llvm's top-2 logit gap there: {entry['margins'][i]:.4g})\n got {got}\nwant {expected}")
