@@ -26,6 +26,7 @@ the cap of 256, and the ratio then measures kernels, not memory).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def serve(artifacts: dict, config: dict, device: str, input_len: int, output_len
     build's batch. ``report(row)`` is called after each."""
     rows, fp16_batch = [], None
     for name, art in artifacts.items():
+        gc.collect()  # the previous engine's weights and KV cache go back before this one sizes its cache
         r = bench.throughput(art, device, input_len, output_len, kv_memory=kv_memory, warmup=warmup,
                              progress=progress)
         rows.append((f"qoqc {name}", r.batch, r.tokens_per_s))
@@ -93,6 +95,7 @@ def serve(artifacts: dict, config: dict, device: str, input_len: int, output_len
             report(rows[-1])
         if name == "fp16":
             fp16_batch = r.batch
+    gc.collect()
     batch, tps = hf_throughput(config, fp16_batch or 1, input_len, output_len, device)
     rows.append(("transformers fp16 generate (SDPA)" if device == "cuda" else "transformers fp32 generate",
                  batch, tps))

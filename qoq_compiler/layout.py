@@ -65,11 +65,15 @@ def pack_uint4_mma(codes: np.ndarray) -> np.ndarray:
 
 
 def unpack_uint4_mma(packed: np.ndarray, n: int, k: int) -> np.ndarray:
-    """uint32 [N/32, K/32, 32, 4] -> uint8 codes [n, k] (inverse of ``pack_uint4_mma``)."""
+    """uint32 [N/32, K/32, 32, 4] -> uint8 codes [n, k] (inverse of ``pack_uint4_mma``, its steps
+    reversed: bytes of each word, nibbles of each byte, the inverse transpose)."""
     packed = np.asarray(packed, dtype=np.uint32)
-    nn, kk = np.meshgrid(np.arange(n), np.arange(k), indexing="ij")
-    nt, kt, lane, word, shift = mma_index(nn, kk)
-    return ((packed[nt, kt, lane, word] >> shift.astype(np.uint32)) & np.uint32(0xF)).astype(np.uint8)
+    nt, kt = packed.shape[:2]
+    words = packed.reshape(nt, kt, 8, 4, 2, 2)                                 # [nt, kt, l, c, p, s]
+    nib = (words[..., None] >> (np.arange(4, dtype=np.uint32) * 8)) & np.uint32(0xFF)  # [..., r]
+    t = np.stack([nib & np.uint32(0xF), nib >> np.uint32(4)], axis=-1).astype(np.uint8)  # [..., r, h]
+    c = t.transpose(0, 7, 5, 2, 1, 4, 3, 6).reshape(nt * 32, kt * 32)          # [nt, h, s, l, kt, p, c, r]
+    return np.ascontiguousarray(c[:n, :k])
 
 
 def to_mma_channel_order(x: np.ndarray) -> np.ndarray:
