@@ -35,7 +35,7 @@ from .passes.quantize_linears import QuantizeLinears
 from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
 from .quant.qoq import quantize_model
-from .runtime.artifact import LIBRARY, TOKENIZER_DIR, write_manifest, writing
+from .runtime.artifact import CPU_FEATURES, LIBRARY, TOKENIZER_DIR, write_manifest, writing
 from .runtime.kv_cache import bytes_per_token
 from .tvm_env import tvm
 
@@ -66,9 +66,10 @@ def cuda_archs(arch: str | None) -> list[str]:
 
 def make_target(target: str, arch: str | None = None) -> "tvm.target.Target":
     """``llvm`` (``arch`` = LLVM CPU name, default this machine's) or ``cuda`` (``arch`` = sm_XX list,
-    default ``DEFAULT_CUDA_ARCHS``; the target names the oldest)."""
+    default ``DEFAULT_CUDA_ARCHS``; the target names the oldest). A CUDA artifact's host code (argument
+    checks and kernel launches) targets the triple's baseline CPU, so it runs on any GPU server."""
     if target == "cuda":
-        return tvm.target.Target({"kind": "cuda", "arch": cuda_archs(arch)[0]}, host=_host_target())
+        return tvm.target.Target({"kind": "cuda", "arch": cuda_archs(arch)[0]}, host=_host_target(portable=True))
     if target == "llvm":
         if arch is not None and arch.startswith("sm_"):
             raise QoqcError(f"--arch {arch} is a CUDA arch; use it with --target cuda")
@@ -76,9 +77,23 @@ def make_target(target: str, arch: str | None = None) -> "tvm.target.Target":
     raise QoqcError(f"invalid target {target!r} (choose from {', '.join(TARGETS)})")
 
 
-def _host_target(cpu: str | None = None) -> "tvm.target.Target":
-    cpu = cpu or tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+def _host_target(cpu: str | None = None, portable: bool = False) -> "tvm.target.Target":
+    codegen = tvm.target.codegen
+    triple = codegen.llvm_get_system_triple()
+    if cpu is not None and not codegen.llvm_is_valid_cpu(cpu, triple):
+        names = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
+        raise QoqcError(f"invalid --arch {cpu!r}: not a CPU LLVM knows for {triple.split('-')[0]} "
+                        f"({len(names)} do: {', '.join(names[:6])}, ...; default: this machine's)")
+    if portable:
+        cpu = "x86-64" if triple.startswith("x86_64") else "generic"
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu or codegen.llvm_get_system_cpu()})
+
+
+def _host_features(host) -> dict:
+    """The host target's CPU and the features of ``CPU_FEATURES`` its code may use."""
+    features = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(host)}
+    return {"mcpu": str(host.attrs["mcpu"]),
+            "cpu_features": sorted(CPU_FEATURES[f] for f in features if f in CPU_FEATURES)}
 
 
 def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
@@ -212,6 +227,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             "tvm_ffi_version": tvm_ffi.__version__,
             "target": {"name": target, **{k: str(v) for k, v in tgt.export().items()
                                           if k in ("kind", "arch", "mcpu")}},
+            "host": _host_features(tgt.host or tgt),
             "quant": quant,
             "dtype": scheme.dtype,
             "quant_scheme": scheme.to_dict(),

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from qoq_compiler import compile
 from qoq_compiler.cli import main

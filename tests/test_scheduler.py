@@ -43,7 +43,7 @@ def test_inflight_batching_equals_alone(kv4_artifact):
     assert [results[i].token_ids for i in ids] == [r.token_ids for r in alone]
     assert [results[i].text for i in ids] == [r.text for r in alone]
     assert results[ids[4]].finish_reason == "stop" and not results[ids[4]].text.endswith(stop_text[4:7])
-    assert not eng._lengths  # every sequence's pages were freed
+    assert eng.blocks.used == 0 and not eng.blocks.lengths  # every sequence's pages were freed
 
 
 def test_preemption_by_recompute_equals_alone(kv4_artifact):
@@ -54,7 +54,7 @@ def test_preemption_by_recompute_equals_alone(kv4_artifact):
     results = sched.run()
     assert sum(results[i].preemptions for i in ids) > 0
     assert [results[i].token_ids for i in ids] == [r.token_ids for r in _alone(eng, requests)]
-    assert not eng._lengths
+    assert eng.blocks.used == 0 and not eng.blocks.lengths
 
 
 def test_submit_validates_now(kv4_artifact):

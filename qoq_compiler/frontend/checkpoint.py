@@ -107,7 +107,7 @@ def read_config_json(cfg_file: Path) -> dict:
 
 def _open_safetensors_dir(path: Path) -> Checkpoint:
     cfg_file = path / "config.json"
-    raw = read_config_json(cfg_file)
+    read_config_json(cfg_file)  # a clear error for bad JSON or an unknown architecture first
     config = ModelConfig.from_hf(_load_hf_config(path))
 
     index_file = path / "model.safetensors.index.json"

@@ -4,7 +4,7 @@
 benchmarks the same way: config-only folders, no checkpoint), since speed does not depend on
 weight values. ``open_config`` gives a checkpoint that has the normalised config and no tensor;
 ``compile(..., random_weights=True)`` then writes no parameter files and records every
-parameter's shape and dtype instead, and ``runtime.engine`` draws them at load
+parameter's shape and dtype instead, and ``runtime.model`` draws them at load
 (``runtime.artifact.random_params``): nothing of the model's size is written, read or carried.
 """
 

@@ -164,3 +164,61 @@ def params_bytes(manifest: dict[str, Any], root: Path) -> int:
         return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
                    for s, d in zip(spec["random"]["shapes"], spec["random"]["dtypes"]))
     return sum((Path(root) / f).stat().st_size for f in spec["files"])
+
+
+#: LLVM CPU features that change the instructions of generated code -> their name in /proc/cpuinfo
+#: (x86 "flags", Arm "Features"); an artifact records the ones its target enables
+CPU_FEATURES = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt", "avx": "avx",
+    "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "movbe": "movbe",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16", "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2",
+    "avx512ifma": "avx512ifma", "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512vp2intersect": "avx512_vp2intersect", "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+    "amx-int8": "amx_int8", "amx-bf16": "amx_bf16", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+    "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16", "sve": "sve",
+    "sve2": "sve2",
+}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as /proc/cpuinfo names them; None where that file is not readable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def check_compatible(manifest: dict[str, Any], root: Path) -> None:
+    """Refuse an artifact this runtime cannot run: another TVM or tvm-ffi release (the compiled
+    module's ABI is theirs), or host code for CPU features this CPU lacks (it would die of an
+    illegal instruction); warn, once, when another qoqc wrote it."""
+    import sys
+
+    import tvm_ffi
+
+    from .. import __version__
+    from ..tvm_env import tvm
+
+    for name, have in (("apache-tvm", tvm.__version__), ("apache-tvm-ffi", tvm_ffi.__version__)):
+        built = manifest.get("tvm_version" if name == "apache-tvm" else "tvm_ffi_version")
+        if built is not None and built != have:
+            raise QoqcError(f"artifact {root} was compiled with {name} {built}, this runtime has {have}: "
+                            "recompile it with this qoqc")
+    if manifest.get("qoqc_version") != __version__:
+        print(f"qoqc: warning: artifact {root} was written by qoqc {manifest.get('qoqc_version')}; "
+              f"this is qoqc {__version__}", file=sys.stderr)
+    needed = manifest.get("host", {}).get("cpu_features", [])
+    flags = cpu_flags()
+    missing = [f for f in needed if flags is not None and f not in flags]
+    if missing:
+        cpu = manifest["host"].get("mcpu", "?")
+        raise QoqcError(f"artifact {root} was compiled for CPU {cpu} and uses {', '.join(missing)}, which this CPU "
+                        "lacks (it would stop with an illegal instruction): recompile it on this machine, or with "
+                        "--arch naming this CPU")

@@ -28,7 +28,8 @@ from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
 from .artifact import params_bytes, read_manifest
-from .engine import PAGE_SIZE, Engine
+from .engine import Engine
+from .model import PAGE_SIZE
 from .kv_cache import bytes_per_token, free_memory, parse_memory
 
 MAX_BATCH = 256

@@ -1,17 +1,24 @@
-"""The KV caches an artifact runs with, behind one interface the engine drives.
+"""KV-cache pages and the caches an artifact runs with.
 
+``BlockManager`` is the one owner of the pages: which sequences are open, how many tokens each
+holds and in which pages (a free list, a page list per sequence), and whether a step fits
+(``can_allocate`` for a new sequence, ``can_append`` for growing ones). Everything else asks it;
+nothing else counts pages.
+
+The caches hold the tensors, behind one interface the model drives after the block manager has
+granted a step (so they may assume it fits):
     add(seq_id) / remove(seq_id) / truncate(seq_id, n_dropped)    sequence lifetime
     run(fn, seq_ids, lens, args) -> logits                        one forward step of a function
-The engine checks every step against the context window and the page budget first
-(``Engine._reserve``), so the caches can assume a step fits.
 
 ``TVMPagedCache``: TVM's paged cache object (``create_kv_cache`` of the module), one dtype for K
-and V; the step is declared with ``kv_state_begin_forward`` and the object passed to the function.
+and V, pages of 16 tokens that TVM assigns itself (the block manager mirrors their count); the step
+is declared with ``kv_state_begin_forward`` and closed by ``kv_state_end_forward`` even when the
+function fails.
 
 ``KV4PagedCache``: qoqc's 4-bit cache (``frontend.llama.KV4Cache``). Two device tensors hold all
 layers, ``kv_data`` uint8 [L, 2, S, Hkv, D/2] and ``kv_param`` fp16 [L, 2, S, Hkv, 2], with
-S = pages x page_size token slots; this class hands out pages (a free list, a page list per
-sequence) and builds each step's addressing arrays:
+S = pages x page_size token slots, addressed through the block manager's page lists; each step's
+addressing arrays:
     positions [T]  absolute position of each new token       token_seq [T]  its row of page_table
     slots [T]      page * page_size + offset where it goes   page_table [B, MP]  pages of each sequence
 At 4 bits plus a 4-byte (scale, minimum) per (token, head) it takes (D/2 + 4) / (2 D) of an fp16
@@ -81,9 +88,73 @@ def capacity_tokens(budget: int | float, per_token: int, page_size: int, device)
     return tokens
 
 
+class BlockManager:
+    """Pages of ``page_size`` tokens, ``pages`` of them, and the sequences that hold them."""
+
+    def __init__(self, pages: int, page_size: int):
+        self.total, self.page_size = pages, page_size
+        self.free = list(range(pages - 1, -1, -1))  # popped from the end: page 0 first
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+        self._next = 0
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    @property
+    def used(self) -> int:
+        return self.total - len(self.free)
+
+    def open(self) -> int:
+        """A new empty sequence; its id."""
+        sid, self._next = self._next, self._next + 1
+        self.tables[sid], self.lengths[sid] = [], 0
+        return sid
+
+    def close(self, sid: int) -> None:
+        """Free every page of ``sid``."""
+        self.free.extend(reversed(self.tables.pop(sid)))
+        del self.lengths[sid]
+
+    def can_allocate(self, tokens: int, headroom: int = 0) -> bool:
+        """Whether a new sequence of ``tokens`` fits with ``headroom`` pages to spare."""
+        return self.pages_for(tokens) + headroom <= len(self.free)
+
+    def can_append(self, grow: dict[int, int], headroom: int = 0) -> bool:
+        """Whether the sequences of ``grow`` can take that many more tokens each (``headroom``
+        pages to spare)."""
+        return self._new_pages(grow) + headroom <= len(self.free)
+
+    def room(self, sid: int, pages: int) -> int:
+        """Tokens ``sid`` can grow by with ``pages`` more pages (and what its last page has left)."""
+        return (len(self.tables[sid]) + pages) * self.page_size - self.lengths[sid]
+
+    def _new_pages(self, grow: dict[int, int]) -> int:
+        return sum(max(self.pages_for(self.lengths[s] + n) - len(self.tables[s]), 0) for s, n in grow.items())
+
+    def append(self, grow: dict[int, int]) -> None:
+        """Grow sequences by tokens, taking pages from the free list."""
+        need = self._new_pages(grow)
+        if need > len(self.free):
+            held = sum(self.lengths.values())
+            raise QoqcError(f"the KV cache is full: {held} tokens in {len(self.lengths)} sequences hold "
+                            f"{self.used} of {self.total} pages of {self.page_size}, and this step needs {need} more")
+        for s, n in grow.items():
+            self.lengths[s] += n
+            table = self.tables[s]
+            while len(table) * self.page_size < self.lengths[s]:
+                table.append(self.free.pop())
+
+    def truncate(self, sid: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``sid``; free the pages past them."""
+        self.lengths[sid] = length
+        table, keep = self.tables[sid], self.pages_for(length)
+        self.free.extend(reversed(table[keep:]))
+        del table[keep:]
+
+
 class TVMPagedCache:
-    def __init__(self, vm, device, max_batch_size: int, max_total_tokens: int, prefill_chunk_size: int,
-                 page_size: int):
+    def __init__(self, vm, max_batch_size: int, max_total_tokens: int, prefill_chunk_size: int, page_size: int):
         self.kv = vm["create_kv_cache"](
             tvm_ffi.Shape([max_batch_size]), tvm_ffi.Shape([max_total_tokens]),
             tvm_ffi.Shape([prefill_chunk_size]), tvm_ffi.Shape([page_size]), tvm_ffi.Shape([0]))
@@ -101,53 +172,44 @@ class TVMPagedCache:
 
     def run(self, fn, seq_ids: list[int], lens: list[int], args: list):
         self._f["begin_forward"](self.kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lens))
-        logits, _ = fn(*args, self.kv)
-        self._f["end_forward"](self.kv)
+        try:
+            logits, _ = fn(*args, self.kv)
+        finally:
+            self._f["end_forward"](self.kv)
         return logits
 
 
 class KV4PagedCache:
-    def __init__(self, config, device, max_total_tokens: int, page_size: int):
-        self.device, self.page_size = device, page_size
-        pages = -(-max_total_tokens // page_size)
-        shape = (config.num_layers, 2, pages * page_size, config.num_kv_heads)
+    def __init__(self, config, device, blocks: BlockManager):
+        self.device, self.blocks, self.page_size = device, blocks, blocks.page_size
+        shape = (config.num_layers, 2, blocks.total * blocks.page_size, config.num_kv_heads)
         self.data = tvm.runtime.empty((*shape, config.head_dim // 2), "uint8", device)
         self.param = tvm.runtime.empty((*shape, 2), "float16", device)
-        self.free = list(range(pages - 1, -1, -1))
-        self.pages: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}
 
     def add(self, seq_id: int) -> None:
-        self.pages[seq_id], self.lengths[seq_id] = [], 0
+        """Nothing to do: the block manager owns this cache's pages."""
 
     def remove(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.pages.pop(seq_id)))
-        del self.lengths[seq_id]
+        """Nothing to do: the block manager owns this cache's pages."""
 
     def truncate(self, seq_id: int, dropped: int) -> None:
-        self.lengths[seq_id] -= dropped
-        keep = -(-self.lengths[seq_id] // self.page_size)
-        pages = self.pages[seq_id]
-        self.free.extend(reversed(pages[keep:]))
-        del pages[keep:]
+        """Nothing to do: the block manager owns this cache's pages."""
 
     def run(self, fn, seq_ids: list[int], lens: list[int], args: list):
-        p = self.page_size
-        rows = {s: i for i, s in enumerate(dict.fromkeys(seq_ids))}
+        """One step of distinct sequences whose new tokens the block manager has already placed
+        (their lengths include them)."""
+        p, tables = self.page_size, self.blocks.tables
+        rows = {s: i for i, s in enumerate(seq_ids)}
         positions, token_seq = [], []
         for s, n in zip(seq_ids, lens):
-            start = self.lengths[s]
-            pages = self.pages[s]
-            while len(pages) * p < start + n:
-                pages.append(self.free.pop())  # the engine checked the page budget
-            positions.append(np.arange(start, start + n))
+            end = self.blocks.lengths[s]
+            positions.append(np.arange(end - n, end))
             token_seq.append(np.full(n, rows[s]))
-            self.lengths[s] = start + n
         pos = np.concatenate(positions).astype("int32")
         seq = np.concatenate(token_seq).astype("int32")
-        table = np.zeros((len(rows), max(len(self.pages[s]) for s in rows)), "int32")
+        table = np.zeros((len(rows), max(len(tables[s]) for s in rows)), "int32")
         for s, r in rows.items():
-            table[r, :len(self.pages[s])] = self.pages[s]
+            table[r, :len(tables[s])] = tables[s]
         slots = (table[seq, pos // p] * p + pos % p).astype("int32")
         arrays = [tvm.runtime.tensor(a, self.device) for a in (pos, seq, table, slots)]
         return fn(*args, *arrays, self.data, self.param)

@@ -1,176 +1,247 @@
-"""In-flight batching over an ``Engine``: requests join and leave while others decode.
+"""In-flight batching over a ``Model``: the one generation loop. Requests join and leave while
+others decode; ``Engine.generate`` / ``stream`` / ``generate_batch`` are this loop's clients.
 
-Each ``step`` is one iteration of the serving loop:
+Each ``step`` is one iteration:
   1. admit waiting requests (first come, first served) while fewer than ``max_batch_size`` run and
-     the KV cache has pages for their prompts beyond what the running requests hold;
-  2. decode: one token for every running request whose tokens are all in the cache, in one batch;
-     when the cache cannot hold that step, the most recently admitted request is preempted
-     (its pages freed, it goes back to the front of the queue keeping the tokens it generated,
-     and on re-admission its prompt plus those tokens are prefilled again: recompute);
-  3. chunked prefill: up to ``prefill_chunk_size`` tokens of the requests still being fed, in
-     admission order, a long prompt spread over several steps; a request whose last token is fed
-     samples its next token from that chunk's logits.
-Decode and prefill run as separate calls, so a decoding request sees the same kernels (and the same
-numbers) as when it is served alone. Each request keeps its own sampling parameters, stop strings
-and random generator; greedy outputs equal those of the request served alone.
+     the block manager has pages for their tokens with a page of headroom per running request;
+  2. decode: one token for every DECODING request, in one batch (greedy batches choose tokens on
+     the device); when the cache cannot hold that step, the most recently admitted request is
+     preempted (its pages freed, back to the front of the queue keeping the tokens it generated;
+     re-admitted, its prompt plus those tokens are prefilled again: recompute);
+  3. chunked prefill: up to ``prefill_chunk_size`` tokens of the PREFILLING requests, in admission
+     order, as many as their pages allow; a request whose last token is fed samples its first new
+     token from that chunk's logits and starts DECODING.
+Decode and prefill are separate calls, so a decoding request runs the same kernels as when it is
+served alone. Requests keep their own sampling parameters, stop strings and random generator.
+
+Nothing is lost (``request.py``'s states): every submitted request ends FINISHED, ABORTED or
+FAILED with a reason and its result in ``results``, and its pages are released on every path:
+``abort``; an exception in a device call fails the requests of that call (KeyboardInterrupt
+aborts them) and propagates; an interrupt anywhere else in a step ends the requests it left
+inconsistent; ``run`` interrupted aborts everything left. Every step holds the model's lock.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..errors import QoqcError
-from .engine import Engine, GenerationResult, _Request
+from .model import Model
+from .request import GenerationResult, Request, RequestState
+from .sampling import SamplingParams, sample
 
 
-@dataclass(eq=False)
-class _Live:
-    """A request in the scheduler: ``fed`` of prompt + out tokens are in its KV-cache sequence."""
-
-    rid: int
-    req: _Request
-    submitted: float
-    fed: int = 0
-    first_token_at: float = 0.0
-    preemptions: int = 0
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.req.prompt + self.req.out
-
-    @property
-    def pending(self) -> int:
-        return len(self.req.prompt) + len(self.req.out) - self.fed
-
-
-@dataclass
-class ServedResult(GenerationResult):
-    """A ``GenerationResult`` with the request's queueing: seconds from submission to its first
-    token (``prefill_seconds``) and times it was preempted."""
-
-    preemptions: int = 0
-
-
-@dataclass
 class Scheduler:
-    engine: Engine
-    max_batch_size: int | None = None     # default: the engine's
-    prefill_chunk_size: int | None = None  # tokens fed per step; default: the engine's
-    waiting: deque = field(default_factory=deque, init=False)
-    running: list = field(default_factory=list, init=False)
-    results: dict = field(default_factory=dict, init=False)
-    _next_id: int = field(default=0, init=False)
-
-    def __post_init__(self):
-        self.max_batch_size = min(self.max_batch_size or self.engine.max_batch_size, self.engine.max_batch_size)
-        self.prefill_chunk_size = min(self.prefill_chunk_size or self.engine.prefill_chunk_size,
-                                      self.engine.prefill_chunk_size)
+    def __init__(self, model: Model, max_batch_size: int | None = None, prefill_chunk_size: int | None = None):
+        self.model = model
+        self.max_batch_size = min(max_batch_size or model.max_batch_size, model.max_batch_size)
+        self.prefill_chunk_size = min(prefill_chunk_size or model.prefill_chunk_size, model.prefill_chunk_size)
         if self.max_batch_size < 1 or self.prefill_chunk_size < 1:
             raise QoqcError("max_batch_size and prefill_chunk_size must be at least 1")
-        self._pages = -(-self.engine.cache_tokens // self.engine.page_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []        # admission order: the last is preempted first
+        self.requests: dict[int, Request] = {}  # every request not yet ended
+        self.results: dict[int, GenerationResult] = {}
+        self._next_id = 0
+
+    # ---------------------------------------------------------------- requests in
+    def make_request(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                     top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None,
+                     sequence: int | None = None, streaming: bool = False) -> Request:
+        """A validated request, not yet queued (``enqueue``). ``sequence``: an open sequence whose
+        tokens the prompt continues; it stays open, holding what the request added to it."""
+        params = SamplingParams.make(max_new_tokens, temperature, top_p, stop, seed)
+        with self.model.lock:
+            held = 0 if sequence is None else self.model.sequence_length(sequence)
+            ids = self.model.prompt_ids(prompt, room=1 + held)
+            rid, self._next_id = self._next_id, self._next_id + 1
+        room = self.model.context_window - held - len(ids)
+        return Request(rid, ids, params, min(params.max_new_tokens, room), sequence,
+                       streaming or bool(params.stop))
+
+    def enqueue(self, req: Request) -> int:
+        with self.model.lock:
+            if req.sequence is not None and any(r.sequence == req.sequence for r in self.requests.values()):
+                raise QoqcError(f"sequence {req.sequence} is already being continued by another request")
+            self.requests[req.rid] = req
+            self.waiting.append(req)
+        return req.rid
 
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None) -> int:
-        """Queue a request (validated now: prompt length, sampling parameters); return its id."""
-        req = self.engine._request(prompt, max_new_tokens, temperature, top_p, stop, seed)
-        rid = self._next_id
-        self._next_id += 1
-        self.waiting.append(_Live(rid, req, time.perf_counter()))
-        return rid
+               top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None,
+               sequence: int | None = None) -> int:
+        """Queue a request (validated now: prompt, sampling parameters); return its id."""
+        return self.enqueue(self.make_request(prompt, max_new_tokens, temperature, top_p, stop, seed, sequence))
+
+    def abort(self, rid: int, reason: str = "aborted") -> bool:
+        """End a waiting or running request now, its pages freed; False if it already ended."""
+        with self.model.lock:
+            req = self.requests.get(rid)
+            if req is None:
+                return False
+            self._end(req, RequestState.ABORTED, reason)
+            return True
 
     @property
     def done(self) -> bool:
         return not self.waiting and not self.running
 
-    def run(self) -> dict[int, ServedResult]:
-        """Step until every submitted request has finished; results by request id."""
-        while not self.done:
-            self.step()
+    def run(self) -> dict[int, GenerationResult]:
+        """Step until every submitted request has ended; results by request id. Interrupted or
+        failing, it aborts every request still waiting or running before the exception propagates."""
+        try:
+            while not self.done:
+                self.step()
+        except BaseException:
+            with self.model.lock:
+                for rid in list(self.requests):
+                    self.abort(rid, "the serving loop stopped")
+            raise
         return self.results
 
     # ---------------------------------------------------------------- one iteration
     def step(self) -> list[int]:
-        """One iteration (admit, decode, prefill chunk); returns the ids of requests finished by it."""
-        finished: list[int] = []
-        while not self._advance(finished):
-            if len(self.running) < 2:  # a request alone always fits (its context is capped by the cache)
-                raise QoqcError(f"scheduler stalled: {len(self.running)} running request(s) cannot advance "
-                                f"in a KV cache of {self.engine.cache_tokens} tokens")
-            self._preempt(self.running[-1])  # partly fed prompts fill the cache: make room
-        return finished
+        """One iteration (admit, decode, prefill chunk); returns the ids of requests that ended in it."""
+        with self.model.lock:
+            ended: list[int] = []
+            live = list(self.running)
+            try:
+                while not self._advance(ended):
+                    if len(self.running) < 2:  # a request alone always fits unless others hold the cache
+                        lone = self.running[0]
+                        self._end(lone, RequestState.FAILED,
+                                  f"the KV cache cannot hold request {lone.rid}: {self.model.blocks.used} of "
+                                  f"{self.model.blocks.total} pages are held")
+                        ended.append(lone.rid)
+                        raise QoqcError(lone.reason)
+                    self._preempt(self.running[-1])
+            except BaseException:
+                self._settle(live, ended)
+                raise
+            return ended
 
-    def _advance(self, finished: list[int]) -> bool:
+    def _advance(self, ended: list[int]) -> bool:
         """Admit, decode, feed a prefill chunk; False when nothing could run."""
         self._admit()
-        decoders = [x for x in self.running if x.fed > 0 and x.pending == 1]
-        while decoders and not self._fits({id(x): 1 for x in decoders}):
+        blocks = self.model.blocks
+        decoders = [r for r in self.running if r.state is RequestState.DECODING]
+        while decoders and not blocks.can_append({r.seq_id: 1 for r in decoders}):
             victim = self.running[-1]
             self._preempt(victim)
-            decoders = [x for x in decoders if x is not victim]
+            decoders = [r for r in decoders if r is not victim]
         if decoders:
-            tokens = self.engine._decode_next([x.req for x in decoders])
-            for x, token in zip(decoders, tokens):
-                x.fed += 1
-                self._take(x, token, finished)
-        feeding, budget, grow = [], self.prefill_chunk_size, {}
-        for x in self.running:
-            if budget == 0 or x in decoders:
+            tokens = self._device(decoders, lambda: self._decode(decoders))
+            for r, token in zip(decoders, tokens):
+                r.fed += 1
+                self._take(r, token, ended)
+        feeding, budget, pages = [], self.prefill_chunk_size, len(blocks.free)
+        for r in self.running:
+            if budget == 0 or r.state is not RequestState.PREFILLING:
                 continue
-            take = min(x.pending, budget)
-            if take and self._fits({**grow, id(x): take}):
-                grow[id(x)] = take
-                feeding.append((x, take))
+            take = min(r.pending, budget, blocks.room(r.seq_id, pages))
+            if take > 0:
+                pages -= blocks.pages_for(blocks.lengths[r.seq_id] + take) - len(blocks.tables[r.seq_id])
+                feeding.append((r, take))
                 budget -= take
         if feeding:
-            rows = self.engine.prefill([(x.req.seq_id, x.tokens[x.fed:x.fed + n]) for x, n in feeding])
-            for (x, n), row in zip(feeding, rows):
-                x.fed += n
-                if x.pending == 0:
-                    self._take(x, self.engine._sample(row, x.req), finished)
+            rows = self._device([r for r, _ in feeding], lambda: self.model.prefill(
+                [(r.seq_id, r.tokens[r.fed:r.fed + n]) for r, n in feeding]))
+            for (r, n), row in zip(feeding, rows):
+                r.fed += n
+                if r.pending == 0:
+                    r.move(RequestState.DECODING)
+                    self._take(r, sample(row, r.params, r.rng), ended)
         return bool(decoders or feeding or not self.running)
 
-    # ---------------------------------------------------------------- helpers
-    def _fits(self, grow: dict[int, int]) -> bool:
-        """Whether the cache has the pages for the running requests after growing some by tokens."""
-        size = self.engine.page_size
-        need = sum(-(-(self.engine.sequence_length(x.req.seq_id) + grow.get(id(x), 0)) // size)
-                   for x in self.running)
-        return need <= self._pages
+    def _decode(self, reqs: list[Request]) -> list[int]:
+        seq_ids, last = [r.seq_id for r in reqs], [r.out[-1] for r in reqs]
+        if all(r.params.greedy for r in reqs):
+            return self.model.decode_greedy(seq_ids, last)
+        return [sample(row, r.params, r.rng) for r, row in zip(reqs, self.model.decode(seq_ids, last))]
 
+    def _device(self, reqs: list[Request], call: Callable):
+        """A device call for ``reqs``: when it raises, they end (FAILED; ABORTED on an interrupt)."""
+        try:
+            return call()
+        except BaseException as e:
+            interrupt = isinstance(e, KeyboardInterrupt)
+            reason = ("interrupted" if interrupt else str(e) if isinstance(e, QoqcError)
+                      else f"{type(e).__name__}: {e}")
+            for r in reqs:
+                if not r.ended:
+                    self._end(r, RequestState.ABORTED if interrupt else RequestState.FAILED, reason)
+            raise
+
+    def _settle(self, live: list[Request], ended: list[int]) -> None:
+        """After an exception inside a step: end every request whose KV cache no longer holds
+        exactly its fed tokens (the step stopped between a device call and its bookkeeping)."""
+        for r in live:
+            if r.live and self.model.blocks.lengths.get(r.seq_id) != r.base + r.fed:
+                self._end(r, RequestState.ABORTED, "interrupted mid-step")
+                ended.append(r.rid)
+
+    # ---------------------------------------------------------------- pages and states
     def _admit(self) -> None:
+        blocks = self.model.blocks
         while self.waiting and len(self.running) < self.max_batch_size:
-            x = self.waiting[0]
-            size = self.engine.page_size
-            held = sum(-(-self.engine.sequence_length(r.req.seq_id) // size) for r in self.running)
-            reserve = len(self.running)  # a page of headroom per running request for its next tokens
-            if self.running and held + reserve + -(-len(x.tokens) // size) > self._pages:
+            r = self.waiting[0]
+            headroom = len(self.running)  # a page for the next tokens of each running request
+            if r.sequence is None:
+                fits = blocks.can_allocate(len(r.tokens), headroom)
+            else:
+                fits = blocks.can_append({r.sequence: len(r.tokens)}, headroom)
+            if self.running and not fits:
                 return
             self.waiting.popleft()
-            x.req.seq_id = self.engine.add_sequence()
-            x.fed = 0
-            self.running.append(x)
+            if r.sequence is None:
+                r.seq_id, r.base = self.model.add_sequence(), 0
+            else:
+                r.seq_id, r.base = r.sequence, self.model.sequence_length(r.sequence)
+            r.fed = 0
+            r.move(RequestState.PREFILLING)
+            self.running.append(r)
 
-    def _preempt(self, x: _Live) -> None:
-        self.engine.remove_sequence(x.req.seq_id)
-        self.running.remove(x)
-        x.fed, x.preemptions = 0, x.preemptions + 1
-        self.waiting.appendleft(x)
+    def _release(self, r: Request, finished: bool = False) -> None:
+        """Give back r's pages: its own sequence closed; a continued one cut back to its base,
+        unless r finished (the conversation keeps what it added)."""
+        if r.sequence is None:
+            self.model.remove_sequence(r.seq_id)
+            r.seq_id = None
+        elif not finished:
+            self.model.truncate_sequence(r.sequence, r.base)
+        self.running.remove(r)
 
-    def _take(self, x: _Live, token: int, finished: list[int]) -> None:
-        """Accept x's next token; retire it when finished."""
-        eng = self.engine
-        eng._accept(x.req, token)
-        if not x.first_token_at:
-            x.first_token_at = time.perf_counter()
-        if x.req.finish is None:
+    def _preempt(self, r: Request) -> None:
+        self._release(r)
+        r.fed, r.preemptions = 0, r.preemptions + 1
+        r.move(RequestState.WAITING)
+        self.waiting.appendleft(r)
+
+    def _end(self, r: Request, state: RequestState, reason: str) -> None:
+        if r.live:
+            self._release(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        r.move(state, reason)
+        self._record(r)
+
+    def _record(self, r: Request) -> None:
+        del self.requests[r.rid]
+        self.results[r.rid] = r.result(self.model.has_tokenizer)
+
+    def _take(self, r: Request, token: int, ended: list[int]) -> None:
+        """Accept r's next token; retire it when it finished."""
+        model = self.model
+        try:
+            piece = r.accept(token, model.config.eos_token_ids, model.decode_text if model.has_tokenizer else None)
+        except Exception as e:  # noqa: BLE001  (a tokenizer failing on this request's tokens ends it alone)
+            self._end(r, RequestState.FAILED, f"{type(e).__name__}: {e}")
+            ended.append(r.rid)
             return
-        eng.remove_sequence(x.req.seq_id)
-        self.running.remove(x)
-        r = x.req
-        self.results[x.rid] = ServedResult(r.out, r.text if eng.manifest.get("tokenizer") else "", len(r.prompt),
-                                           r.finish, x.first_token_at - x.submitted,
-                                           time.perf_counter() - x.first_token_at, x.preemptions)
-        finished.append(x.rid)
+        if piece:
+            r.pieces.append(piece)
+        if r.ended:
+            self._release(r, finished=True)
+            self._record(r)
+            ended.append(r.rid)
