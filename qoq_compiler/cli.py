@@ -7,7 +7,9 @@ Every ``QoqcError`` (bad model, target, artifact, prompt) is printed as one line
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 from . import __version__
@@ -202,8 +204,22 @@ def _bench(args) -> None:
             print(f"throughput: {r.tokens_per_s:.1f} tokens/s")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: partial artifacts and KV pages are cleaned up
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args) -> int:
     try:
         if args.command == "compile":
             from .compiler import compile as compile_model

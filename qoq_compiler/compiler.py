@@ -190,7 +190,10 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
                                      "dtypes": [d for _, _, d in params]}}
         else:
             quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
-            shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
+            try:
+                shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
+            except OSError as e:
+                raise QoqcError(f"cannot write the weights into {out}: {e.strerror or e}") from None
             params_doc = {"files": shards, "names": [n for n, _, _ in params]}
 
         phases = pipeline_phases(tgt)

@@ -95,6 +95,18 @@ def tiny_artifacts(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
             for name, d in tiny_dirs.items()}
 
 
+@pytest.fixture(scope="session")
+def kv4_artifact(tiny_dirs, tmp_path_factory) -> Path:
+    """The tiny Llama with RTN 4-bit weights (groups of 32) and the 4-bit KV cache, fp32 activations
+    (so the integer math is exact): the serving tests' model."""
+    from qoq_compiler import compile
+    from qoq_compiler.config import QuantScheme
+
+    scheme = QuantScheme("rtn-test", "float32", weights="int4", group=32, kv="int4", passes=None)
+    return compile(tiny_dirs["llama"], target="llvm", quant=scheme, output=tmp_path_factory.mktemp("kv4") / "a",
+                   progress=False)
+
+
 def hf_model(path, **kwargs):
     from transformers import AutoModelForCausalLM
 

@@ -98,3 +98,14 @@ def test_interactive_chat_session(chat_artifact):
         input="Once upon a time\nThe dog\n/reset\nLily\n/exit\n", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("tok/s]") == 3 and "(conversation cleared)" in proc.stdout
+
+
+@requires_shared_data()
+def test_chat_refuses_invalid_utf8_with_one_line(chat_artifact):
+    cmd = [sys.executable, "-m", "qoq_compiler.cli", "chat", str(chat_artifact), "--temperature", "0",
+           "--max-new-tokens", "4"]
+    proc = subprocess.run(cmd, input=b"\xff\xfe once\nLily\n/exit\n", capture_output=True, timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr
+    assert b"qoqc: error: the prompt is not valid UTF-8" in proc.stderr and proc.stdout.count(b"tok/s]") == 1
+    proc = subprocess.run([*cmd, "--prompt", b"caf\xe9"], capture_output=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [b"qoqc: error: the prompt is not valid UTF-8"]

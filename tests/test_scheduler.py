@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from qoq_compiler import compile, load
-from qoq_compiler.config import QuantScheme
+from qoq_compiler import load
 from qoq_compiler.errors import QoqcError
 from qoq_compiler.runtime.scheduler import Scheduler
 
 PROMPT = [1, 45, 300, 17, 99, 260, 4, 511, 128, 77, 300, 12, 5, 6, 8, 9, 10, 11, 12, 13, 14, 200, 31, 7]
-
-
-@pytest.fixture(scope="module")
-def kv4_artifact(tiny_dirs, tmp_path_factory):
-    scheme = QuantScheme("rtn-test", "float32", weights="int4", group=32, kv="int4", passes=None)
-    return compile(tiny_dirs["llama"], target="llvm", quant=scheme, output=tmp_path_factory.mktemp("kv4"),
-                   progress=False)
 
 
 def _alone(eng, requests):

@@ -81,7 +81,8 @@ def _load_hf_config(path: Path, **kwargs):
     try:
         return AutoConfig.from_pretrained(str(path), **kwargs)
     except (ValueError, OSError, KeyError, TypeError) as e:
-        raise QoqcError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
+        where = Path(path) / kwargs["gguf_file"] if "gguf_file" in kwargs else f"the model config in {path}"
+        raise QoqcError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
 
 
 def _load_tokenizer(path: Path, **kwargs):

@@ -47,31 +47,72 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def is_artifact(path: Path) -> bool:
+    """Whether ``path`` is a directory whose manifest says it is a qoqc artifact."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @contextmanager
 def writing(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``out``, on failure it is removed.
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``, on failure
+    (or interruption) it is removed.
 
-    ``out`` may be absent, an empty directory or an earlier artifact; anything else is refused
-    rather than overwritten.
+    ``out`` may be absent, an empty directory or an earlier artifact (its manifest names the
+    format); anything else is refused rather than overwritten. Temporary directories that a killed
+    compile left (their process gone) are removed too. Files are written with the permissions the
+    user's umask gives (safetensors itself would write 0600).
     """
     out = Path(out).absolute()
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_artifact(out))):
         raise QoqcError(f"output {out} exists and is not a qoqc artifact: refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise QoqcError(f"cannot write the artifact {out}: {e.strerror or e}") from None
     try:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        try:
+            mode = 0o666 & ~_umask()
+            for f in tmp.rglob("*"):
+                if f.is_file() and not os.access(f, os.X_OK):
+                    f.chmod(mode)
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out)
+        except OSError as e:
+            raise QoqcError(f"cannot write the artifact {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -57,7 +57,17 @@ class Conversation:
         self.cached = (self._prompt + r.token_ids)[: self.engine.sequence_length(self.seq)]
 
 
+def _utf8(text: str) -> str:
+    """``text`` if it is valid UTF-8 (argv and stdin bytes that are not arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise QoqcError("the prompt is not valid UTF-8") from None
+    return text
+
+
 def _answer(conv: Conversation, user: str, args) -> None:
+    user = _utf8(user)
     stream = conv.stream(user, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_p=args.top_p, seed=args.seed)
     for piece in stream:
@@ -88,6 +98,9 @@ def run_chat(args) -> None:
         except EOFError:
             print()
             return
+        except UnicodeDecodeError:
+            print("qoqc: error: the prompt is not valid UTF-8", file=sys.stderr)
+            continue
         cmd = user.strip()
         if cmd == "/exit":
             return
@@ -100,4 +113,5 @@ def run_chat(args) -> None:
         try:
             _answer(conv, user, args)
         except QoqcError as e:  # e.g. the conversation outgrew the context: say so and keep the session
-            print(f"qoqc: {e}; /reset to start over", file=sys.stderr)
+            hint = "; /reset to start over" if "context window" in str(e) else ""
+            print(f"qoqc: error: {e}{hint}", file=sys.stderr)

@@ -17,8 +17,9 @@ served alone. Requests keep their own sampling parameters, stop strings and rand
 Nothing is lost (``request.py``'s states): every submitted request ends FINISHED, ABORTED or
 FAILED with a reason and its result in ``results``, and its pages are released on every path:
 ``abort``; an exception in a device call fails the requests of that call (KeyboardInterrupt
-aborts them) and propagates; an interrupt anywhere else in a step ends the requests it left
-inconsistent; ``run`` interrupted aborts everything left. Every step holds the model's lock.
+aborts them) and propagates; an exception anywhere else in a step aborts the requests that were
+running (their records may lag their caches); ``run`` interrupted aborts everything left. Every
+step holds the model's lock.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}  # every request not yet ended
         self.results: dict[int, GenerationResult] = {}
         self._next_id = 0
+        self._call_failed = False  # the exception leaving this step came from a device call
 
     # ---------------------------------------------------------------- requests in
     def make_request(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -105,7 +107,7 @@ class Scheduler:
         """One iteration (admit, decode, prefill chunk); returns the ids of requests that ended in it."""
         with self.model.lock:
             ended: list[int] = []
-            live = list(self.running)
+            live, self._call_failed = list(self.running), False
             try:
                 while not self._advance(ended):
                     if len(self.running) < 2:  # a request alone always fits unless others hold the cache
@@ -117,7 +119,8 @@ class Scheduler:
                         raise QoqcError(lone.reason)
                     self._preempt(self.running[-1])
             except BaseException:
-                self._settle(live, ended)
+                if not self._call_failed:  # raised outside a device call: bookkeeping may be half done
+                    self._settle(live, ended)
                 raise
             return ended
 
@@ -171,13 +174,15 @@ class Scheduler:
             for r in reqs:
                 if not r.ended:
                     self._end(r, RequestState.ABORTED if interrupt else RequestState.FAILED, reason)
+            self._call_failed = True
             raise
 
     def _settle(self, live: list[Request], ended: list[int]) -> None:
-        """After an exception inside a step: end every request whose KV cache no longer holds
-        exactly its fed tokens (the step stopped between a device call and its bookkeeping)."""
-        for r in live:
-            if r.live and self.model.blocks.lengths.get(r.seq_id) != r.base + r.fed:
+        """After an exception raised inside a step but outside a device call (an interrupt between
+        a call and its bookkeeping): the requests that were running may hold tokens their records
+        do not, so they end, aborted; waiting ones are untouched."""
+        for r in live + [r for r in self.running if r not in live]:
+            if r.live:
                 self._end(r, RequestState.ABORTED, "interrupted mid-step")
                 ended.append(r.rid)
 
