@@ -205,6 +205,9 @@ def _bench(args) -> None:
 
 
 def _terminate(signum, frame):
+    from .runtime.artifact import stop_requested
+
+    stop_requested.set()
     raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: partial artifacts and KV pages are cleaned up
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +28,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import QoqcError
+
+#: set by a termination signal (``qoqc``'s SIGTERM handler): an artifact is then never finalized,
+#: even when the KeyboardInterrupt the handler raises is swallowed somewhere (an ``__del__``)
+stop_requested = threading.Event()
 
 FORMAT = "qoqc-artifact"
 FORMAT_VERSION = 1
@@ -81,6 +86,8 @@ def writing(out: Path) -> Iterator[Path]:
         raise QoqcError(f"cannot write the artifact {out}: {e.strerror or e}") from None
     try:
         yield tmp
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
         try:
             mode = 0o666 & ~_umask()
             for f in tmp.rglob("*"):

@@ -11,6 +11,7 @@ import sys
 from ..errors import QoqcError
 from .artifact import read_manifest
 from .engine import Engine
+from .sampling import SamplingParams
 
 
 class Conversation:
@@ -82,6 +83,7 @@ def _answer(conv: Conversation, user: str, args) -> None:
 
 
 def run_chat(args) -> None:
+    SamplingParams.make(args.max_new_tokens, args.temperature, args.top_p, None, args.seed)  # refused before loading
     device = args.device or ("cuda" if read_manifest(args.artifact, verify=False)["target"]["kind"] == "cuda"
                              else "cpu")
     engine = Engine(args.artifact, device=device, kv_memory=args.kv_memory)
