@@ -1,4 +1,4 @@
-"""The ``qoqc`` command line: ``compile``, ``chat``, ``eval`` and ``bench``.
+"""The ``qoqc`` command line: ``compile``, ``chat``, ``eval``, ``bench`` and ``serve``.
 
 Every ``QoqcError`` (bad model, target, artifact, prompt) is printed as one line
 ``qoqc: error: ...`` with exit status 2; no traceback for input the user can fix.
@@ -86,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 1; latency: 3)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (needs qoqc[serve])")
+    s.add_argument("artifact", help="artifact directory written by 'qoqc compile'")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's target)")
+    s.add_argument("--kv-memory", default=None,
+                   help="KV-cache size: bytes (40GiB) or a fraction of free device memory (0.9); default: the "
+                        "model's context window, at most 8192 tokens")
+    s.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: 32)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a place in the batch; more get HTTP 429 (default: 256)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $QOQC_API_KEY, else none)")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    s.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     return p
 
 
@@ -235,6 +250,14 @@ def _run(args) -> int:
             _evaluate(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "serve":
+            import os
+
+            from .runtime.server import serve
+
+            serve(args.artifact, args.host, args.port, args.device, args.kv_memory, args.max_batch_size,
+                  args.max_queue, args.api_key or os.environ.get("QOQC_API_KEY"), args.served_model_name,
+                  args.log_level)
         else:
             from .runtime.chat import run_chat
 

@@ -78,8 +78,7 @@ class Engine(Model):
         holds in the KV cache, and the sequence stays open afterwards: multi-turn chat re-uses
         the conversation so far instead of computing it again.
         """
-        req = self.scheduler.make_request(prompt, max_new_tokens, temperature, top_p, stop, seed, sequence,
-                                          streaming=True)
+        req = self.scheduler.make_request(prompt, max_new_tokens, temperature, top_p, stop, seed, sequence)
         return TextStream(self._pieces(req))
 
     def _pieces(self, req: Request):

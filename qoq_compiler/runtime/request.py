@@ -12,8 +12,10 @@ sequence held before (a conversation continued in place, ``sequence``); a DECODI
 has exactly one token to feed: its last.
 
 Text: ``accept`` appends a token, ends the request on EOS, ``max_new_tokens`` or a stop string,
-and returns the newly final text: an incomplete UTF-8 character and any tail that may begin a stop
-string are held back until they resolve.
+and returns the newly final text. Tokens are decoded incrementally (``_decode``, vLLM's window
+scheme): text is added once it does not end in an undecodable byte (an incomplete UTF-8
+character), and a tail that may begin a stop string is held back until it resolves, so the pieces
+of a stream joined always equal the text of the same request not streamed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class RequestState(enum.Enum):
     FAILED = "failed"
 
 
+CONTEXT_TOKENS = 5  # prompt tokens the incremental decoding window starts with
 LIVE = (RequestState.PREFILLING, RequestState.DECODING)
 ENDED = (RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED)
 _MOVES = {
@@ -63,6 +66,7 @@ class GenerationResult:
     decode_seconds: float = 0.0
     preemptions: int = 0
     error: str | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, when asked for
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -81,12 +85,14 @@ class Request:
     params: SamplingParams
     max_new_tokens: int               # params' limit, capped by the room left in the context
     sequence: int | None = None       # an open sequence to continue (kept afterwards), else a new one
-    streaming: bool = False           # text wanted at every token (a stream, or stop strings)
     state: RequestState = RequestState.WAITING
     reason: str | None = None         # why it ended
     out: list[int] = field(default_factory=list)
     text: str = ""
     pieces: list[str] = field(default_factory=list)  # final text not yet read by a stream
+    _decoded: str = ""                # text of out so far (``text`` is its final part)
+    _window: tuple[int, int] | None = None  # (start, read) of the incremental decoding window
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per out token
     seq_id: int | None = None         # its KV-cache sequence while live
     base: int = 0                     # tokens that sequence held before this request
     fed: int = 0
@@ -125,39 +131,59 @@ class Request:
         return len(self.prompt) + len(self.out) - self.fed
 
     # ---------------------------------------------------------------- tokens and text
-    def accept(self, token: int, eos_ids, detokenize: Callable[[list[int]], str] | None) -> str:
+    def accept(self, token: int, eos_ids, detokenize: Callable[[list[int]], str] | None,
+               logprob: tuple[float, list[tuple[int, float]]] | None = None) -> str:
         """Append a token (FINISHED on EOS, length or a stop string); return the newly final text.
-        ``detokenize`` is None for an artifact without a tokenizer (token ids only)."""
+        ``detokenize`` is None for an artifact without a tokenizer (token ids only); ``logprob``
+        (``sampling.logprobs``) is kept beside the token when the request asked for it."""
         if not self.first_token_at:
             self.first_token_at = time.perf_counter()
         self.out.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         finish = None
         if token in eos_ids:
             self.out.pop()
+            if logprob is not None:
+                self.logprobs.pop()
             finish = "eos"
         elif len(self.out) >= self.max_new_tokens:
             finish = "length"
         piece = ""
-        if detokenize is not None and (finish is not None or self.streaming or self.params.stop):
-            # detokenizing every step costs O(n): only done when someone reads the text
-            text = detokenize(self.out)
+        if detokenize is not None:
+            decoded = self._decode(detokenize, final=finish is not None)
             for s in self.params.stop:
-                cut = text.find(s)
+                cut = decoded.find(s)
                 if cut >= 0:
-                    text, finish = text[:cut], "stop"
-            if finish is None:
-                text = text[:self._safe(text)]
-            if text.startswith(self.text):
-                piece, self.text = text[len(self.text):], text
-            elif finish is not None:  # the tokenizer re-merged earlier text: the final text stands
-                self.text = text
+                    decoded, finish = decoded[:cut], "stop"
+            self._decoded = decoded
+            safe = len(decoded) if finish is not None else self._safe(decoded)
+            piece, self.text = decoded[len(self.text):safe], decoded[:safe]
         if finish is not None:
             self.move(RequestState.FINISHED, finish)
         return piece
 
+    def _decode(self, detokenize: Callable[[list[int]], str], final: bool) -> str:
+        """The text of ``out`` decoded incrementally: a window of tokens from ``_window[0]`` (which
+        starts with the prompt's last tokens, so a leading space is decoded as a continuation) is
+        decoded with and without its newest tokens; the difference is added to the text once it
+        does not end in an undecodable byte, and the window moves on. Joining these differences is
+        the text, streamed or not (a whole-output decode can differ where byte-fallback tokens
+        re-split)."""
+        tokens = self.prompt[-CONTEXT_TOKENS:] + self.out
+        if self._window is None:
+            self._window = (len(tokens) - len(self.out), len(tokens) - len(self.out))
+        start, read = self._window
+        if len(tokens) > read:
+            before, after = detokenize(tokens[start:read]), detokenize(tokens[start:])
+            if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+                self._decoded += after[len(before):]
+                self._window = (read, len(tokens))
+        return self._decoded
+
     def _safe(self, text: str) -> int:
-        """Length of ``text`` that is final: no incomplete character, no tail that may begin a stop string."""
-        safe = len(text.rstrip("\ufffd"))
+        """Length of ``text`` that is final: no tail that may begin a stop string."""
+        safe = len(text)
         for s in self.params.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if text[:safe].endswith(s[:k]):
@@ -171,4 +197,5 @@ class Request:
         first = self.first_token_at or self.ended_at
         return GenerationResult(list(self.out), self.text if with_text else "", len(self.prompt), reason,
                                 first - self.submitted, self.ended_at - first, self.preemptions,
-                                self.reason if self.state is RequestState.FAILED else None)
+                                self.reason if self.state is RequestState.FAILED else None,
+                                None if self.params.logprobs is None else list(self.logprobs))

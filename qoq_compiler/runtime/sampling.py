@@ -4,6 +4,8 @@
     temperature  softmax(logits / T) in float64; ``top_p`` < 1 keeps the smallest set of the most
                  likely tokens whose probabilities reach top_p (nucleus sampling), renormalised;
                  drawn from the request's own generator, so a seed reproduces a request
+    logprobs     the chosen token's log-probability under the model and the top alternatives
+                 (needs the logits on the host: a step with such a request skips the device argmax)
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # the chosen token's log-probability and this many top alternatives
 
     @classmethod
     def make(cls, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             stop: str | Iterable[str] | None = None, seed: int | None = None) -> "SamplingParams":
+             stop: str | Iterable[str] | None = None, seed: int | None = None,
+             logprobs: int | None = None) -> "SamplingParams":
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 1:
             raise QoqcError(f"max_new_tokens must be a whole number of at least 1 (got {max_new_tokens!r})")
@@ -45,11 +49,29 @@ class SamplingParams:
             raise QoqcError(f"stop must be a non-empty string or a list of them (got {stop!r})")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise QoqcError(f"seed must be a whole number (got {seed!r})")
-        return cls(int(max_new_tokens), float(temperature), float(top_p), stops, seed)
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, (int, np.integer))
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise QoqcError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS} (got {logprobs!r})")
+        return cls(int(max_new_tokens), float(temperature), float(top_p), stops, seed,
+                   None if logprobs is None else int(logprobs))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+MAX_LOGPROBS = 20
+
+
+def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(logits)[token] and the ``top`` most likely (token, log-probability) pairs, of the
+    model's distribution (before temperature and top-p)."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    z = z - np.log(np.exp(z).sum())
+    best = np.argpartition(-z, top)[:top] if 0 < top < len(z) else np.arange(len(z) if top else 0)
+    best = best[np.argsort(-z[best], kind="stable")]
+    return float(z[token]), [(int(i), float(z[i])) for i in best]
 
 
 def greedy(logits: np.ndarray) -> int:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 from ..errors import QoqcError
 from .model import Model
 from .request import GenerationResult, Request, RequestState
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, logprobs, sample
 
 
 class Scheduler:
@@ -50,17 +50,17 @@ class Scheduler:
     # ---------------------------------------------------------------- requests in
     def make_request(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, stop: str | Iterable[str] | None = None, seed: int | None = None,
-                     sequence: int | None = None, streaming: bool = False) -> Request:
+                     sequence: int | None = None, logprobs: int | None = None) -> Request:
         """A validated request, not yet queued (``enqueue``). ``sequence``: an open sequence whose
-        tokens the prompt continues; it stays open, holding what the request added to it."""
-        params = SamplingParams.make(max_new_tokens, temperature, top_p, stop, seed)
+        tokens the prompt continues; it stays open, holding what the request added to it.
+        ``logprobs``: keep each new token's log-probability and this many top alternatives."""
+        params = SamplingParams.make(max_new_tokens, temperature, top_p, stop, seed, logprobs)
         with self.model.lock:
             held = 0 if sequence is None else self.model.sequence_length(sequence)
             ids = self.model.prompt_ids(prompt, room=1 + held)
             rid, self._next_id = self._next_id, self._next_id + 1
         room = self.model.context_window - held - len(ids)
-        return Request(rid, ids, params, min(params.max_new_tokens, room), sequence,
-                       streaming or bool(params.stop))
+        return Request(rid, ids, params, min(params.max_new_tokens, room), sequence)
 
     def enqueue(self, req: Request) -> int:
         with self.model.lock:
@@ -135,9 +135,9 @@ class Scheduler:
             decoders = [r for r in decoders if r is not victim]
         if decoders:
             tokens = self._device(decoders, lambda: self._decode(decoders))
-            for r, token in zip(decoders, tokens):
+            for r, (token, row) in zip(decoders, tokens):
                 r.fed += 1
-                self._take(r, token, ended)
+                self._take(r, token, ended, row)
         feeding, budget, pages = [], self.prefill_chunk_size, len(blocks.free)
         for r in self.running:
             if budget == 0 or r.state is not RequestState.PREFILLING:
@@ -154,14 +154,16 @@ class Scheduler:
                 r.fed += n
                 if r.pending == 0:
                     r.move(RequestState.DECODING)
-                    self._take(r, sample(row, r.params, r.rng), ended)
+                    self._take(r, sample(row, r.params, r.rng), ended, row)
         return bool(decoders or feeding or not self.running)
 
-    def _decode(self, reqs: list[Request]) -> list[int]:
+    def _decode(self, reqs: list[Request]) -> list[tuple[int, object]]:
+        """(token, logits row or None) of each request's next token: chosen on the device when every
+        request is greedy and none wants log-probabilities."""
         seq_ids, last = [r.seq_id for r in reqs], [r.out[-1] for r in reqs]
-        if all(r.params.greedy for r in reqs):
-            return self.model.decode_greedy(seq_ids, last)
-        return [sample(row, r.params, r.rng) for r, row in zip(reqs, self.model.decode(seq_ids, last))]
+        if all(r.params.greedy and r.params.logprobs is None for r in reqs):
+            return [(t, None) for t in self.model.decode_greedy(seq_ids, last)]
+        return [(sample(row, r.params, r.rng), row) for r, row in zip(reqs, self.model.decode(seq_ids, last))]
 
     def _device(self, reqs: list[Request], call: Callable):
         """A device call for ``reqs``: when it raises, they end (FAILED; ABORTED on an interrupt)."""
@@ -235,11 +237,12 @@ class Scheduler:
         del self.requests[r.rid]
         self.results[r.rid] = r.result(self.model.has_tokenizer)
 
-    def _take(self, r: Request, token: int, ended: list[int]) -> None:
-        """Accept r's next token; retire it when it finished."""
+    def _take(self, r: Request, token: int, ended: list[int], row=None) -> None:
+        """Accept r's next token (``row``: its logits, for log-probabilities); retire r when it finished."""
         model = self.model
         try:
-            piece = r.accept(token, model.config.eos_token_ids, model.decode_text if model.has_tokenizer else None)
+            lp = None if r.params.logprobs is None or row is None else logprobs(row, token, r.params.logprobs)
+            piece = r.accept(token, model.config.eos_token_ids, model.decode_text if model.has_tokenizer else None, lp)
         except Exception as e:  # noqa: BLE001  (a tokenizer failing on this request's tokens ends it alone)
             self._end(r, RequestState.FAILED, f"{type(e).__name__}: {e}")
             ended.append(r.rid)
