@@ -56,19 +56,23 @@ ROWS = {
     "qoq-g128": ("QoQ W4A8KV4 g128", QUANT_SCHEMES["qoq-w4a8kv4-g128"], True),
     "qoq-chn": ("QoQ W4A8KV4 per-channel", QUANT_SCHEMES["qoq-w4a8kv4-chn"], True),
     "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None), True),
-    "no-rotation": ("QoQ g128, no rotation", _g128(rotation=False), True),
+    "no-rotation": ("QoQ g128, no residual/V-O rotation", _g128(rotation=False), True),
     "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False), True),
     # the error's parts: 4-bit weights alone, then with 8-bit activations (KV cache in float)
     "g128-w4": ("QoQ g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"),
                 False),
     "g128-w4a8": ("QoQ g128 W4A8, float KV", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"), True),
-    "kv4": ("KV4 only (float weights and activations)", replace(QUANT_SCHEMES["fp16"], kv="int4"), False),
+    "kv4": ("KV4 only (float weights and activations), q/k rotated",
+            replace(QUANT_SCHEMES["fp16"], kv="int4", kv_rotation=True), False),
+    "kv4-no-rot": ("KV4 only, no q/k rotation", replace(QUANT_SCHEMES["fp16"], kv="int4"), False),
+    "no-kv-rotation": ("QoQ g128, no q/k rotation", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv_rotation=False),
+                       True),
     "rtn-w4": ("RTN g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["rtn-w4a8kv4"], kv="float"), False),
     # SmolLM2's GGUF weights already sit on a 4-bit g32 grid: RTN on that grid shows what the g128 grid costs
     "rtn-g32-w4": ("RTN g32 weights only (W4A16, float KV)",
                    replace(QUANT_SCHEMES["rtn-w4a8kv4"], group=32, kv="float"), False),
 }
-DEFAULT_ROWS = "fp16,w8a8,rtn,qoq-g128,qoq-chn,no-smooth-attn,no-rotation,no-gptq"
+DEFAULT_ROWS = "fp16,w8a8,rtn,qoq-g128,qoq-chn,no-smooth-attn,no-rotation,no-kv-rotation,no-gptq"
 
 
 def windows(tokenizer, text: str, limit: int | None) -> list[np.ndarray]:

@@ -47,15 +47,19 @@ MODELS = {"Llama-3-8B": (HQ, HKV, D), "Llama-2-7B": (32, 32, 128), "Qwen2.5-7B":
 TOLERANCE = 2e-2  # relative error against float64 over the same dequantized cache (fp16 output, exp2)
 
 
-def kv4_funcs(hq: int, hkv: int, d: int, page: int, layers: int, theta: float, gpu: bool) -> dict:
-    """The KV4 kernels one layer of a model runs, as PrimFuncs: append (RoPE + quantize + write),
-    split attention, merge, and on GPUs the tensor-core prefill."""
+def kv4_funcs(hq: int, hkv: int, d: int, page: int, layers: int, theta: float, gpu: bool, rotate: bool = True
+              ) -> dict:
+    """The KV4 kernels one layer of a model runs, as PrimFuncs: q's RoPE (and Hadamard rotation,
+    as the *-w4a8kv4 schemes do), append (RoPE [+ rotation] + quantize + write), split attention,
+    merge, and on GPUs the tensor-core prefill."""
     from schedules import kv4_attention as ka
     from schedules import kv4_prefill as kp
 
-    funcs = {"kv4_append": ka.kv4_append(layers, hq, hkv, d, theta, {}, "float16", gpu=gpu),
+    funcs = {"kv4_append": ka.kv4_append(layers, hq, hkv, d, theta, {}, "float16", gpu=gpu, rotate=rotate),
              "kv4_attention": ka.kv4_attention(layers, hq, hkv, d, page, d ** -0.5, "float16", gpu=gpu),
              "kv4_merge": ka.kv4_merge(hq, hkv, d, "float16", gpu=gpu)}
+    if rotate:
+        funcs["rope_q_rotated"] = ka.rope_q_rotated(hq, hkv, d, theta, {}, "float16", gpu=gpu)
     if gpu:
         funcs["kv4_prefill"] = kp.kv4_prefill(layers, hq, hkv, d, page, d ** -0.5)
     return funcs

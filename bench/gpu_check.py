@@ -64,7 +64,7 @@ RUNTIME_EXCLUDE = ("lib/libtvm_compiler.so", "3rdparty", "web", "src", "include"
 FULL = {
     "gemm": {"shapes": {"qkv": [6144, 4096], "o": [4096, 4096], "gate_up": [28672, 4096], "down": [4096, 14336]},
              "m": [1, 16, 64, 256, 1024, 4096], "lane_m": [1, 37, 200, 300]},
-    "attention": {"heads": [32, 8, 128], "page": 16, "layers": 1, "theta": 500000.0,
+    "attention": {"heads": [32, 8, 128], "page": 16, "layers": 1, "theta": 500000.0, "kv_rotation": True,
                   "batch": [1, 16, 64, 256], "context": [512, 2048, 8192, 32768], "prefill": [512, 2048, 8192]},
     "act_quant": {"k": 4096, "silu_k": 14336, "eps": 1e-5},
     "argmax": {"vocab": 128256},
@@ -73,7 +73,7 @@ FULL = {
 TINY = {
     "gemm": {"shapes": {"qkv": [192, 128], "o": [128, 128], "gate_up": [512, 128], "down": [128, 256]},
              "m": [1, 16, 64], "lane_m": [1, 37, 200, 300]},
-    "attention": {"heads": [8, 2, 64], "page": 16, "layers": 1, "theta": 10000.0,
+    "attention": {"heads": [8, 2, 64], "page": 16, "layers": 1, "theta": 10000.0, "kv_rotation": True,
                   "batch": [1, 4], "context": [64, 300], "prefill": [64, 200]},
     "act_quant": {"k": 256, "silu_k": 512, "eps": 1e-5},
     "argmax": {"vocab": 1000},
@@ -102,7 +102,7 @@ def _kernel_funcs(spec: dict, gpu: bool) -> dict:
                                                 else w4a8_gemm.w4a8_gemm(k, n, group))
     hq, hkv, d = spec["attention"]["heads"]
     attn = spec["attention"]
-    funcs.update(kv4_funcs(hq, hkv, d, attn["page"], attn["layers"], attn["theta"], gpu))
+    funcs.update(kv4_funcs(hq, hkv, d, attn["page"], attn["layers"], attn["theta"], gpu, attn["kv_rotation"]))
     act = spec["act_quant"]
     for kind in ("quantize", "rmsnorm", "add_rmsnorm", "silu_mul"):
         k = act["silu_k"] if kind == "silu_mul" else act["k"]

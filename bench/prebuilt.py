@@ -8,7 +8,8 @@ stages of ``gpu_check.py run`` read it through ``Prebuilt``, with TVM's runtime 
                         tokens, the serving configs, the runtime's files
     DIR/kernels/cuda.so every kernel at the prepared shapes, device code ahead of time (fatbin);
                         symbols: ``gemm_SHAPE_GROUP`` (tensor-core W4A8 GEMM; GROUP g128 or chn),
-                        ``kv4_append``, ``kv4_attention``, ``kv4_merge``, ``kv4_prefill``,
+                        ``rope_q_rotated``, ``kv4_append`` (both Hadamard-rotating, as the
+                        *-w4a8kv4 schemes), ``kv4_attention``, ``kv4_merge``, ``kv4_prefill``,
                         ``act_KIND`` (``act_quant`` at the shape's K), ``argmax``
     DIR/kernels/llvm.so tiny mode only: the same symbols for llvm (the portable GEMM, the CPU forms
                         of the KV4 and activation kernels; ``kv4_prefill`` has none, attention
@@ -73,6 +74,10 @@ class Kernels:
                 psum[m] = self.tensor(np.zeros((m, n), np.int32))
             f(qx, sx, qw, s1, e0, e1, psum[m], y)
         return portable
+
+    def rope_q(self, qkv, positions, out) -> None:
+        """RoPE of q, then the Hadamard rotation: out [T, Hq, D]."""
+        self.module["rope_q_rotated"](qkv, positions, out)
 
     def append(self, data, param, qkv, positions, slots, layer: int) -> None:
         self.module["kv4_append"](data, param, qkv, positions, slots, layer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.numpy import save_file
@@ -157,6 +158,10 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
                             f"a multiple of 8; {model_path} has head_dim {cfg.head_dim} (use w8a8 or fp16)")
         if ckpt.tokenizer is None:
             say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
+        if scheme.kv_rotation and cfg.head_dim & (cfg.head_dim - 1):
+            say(f"qoqc: warning: {scheme.name}: head_dim {cfg.head_dim} is not a power of 2, so q and k are not "
+                "Hadamard-rotated before the 4-bit KV cache (less accurate)")
+            scheme = replace(scheme, kv_rotation=False)
         fp16_bytes = bytes_per_token(cfg, "tvm-paged", "float16")
         kv_bytes = bytes_per_token(cfg, cache["kind"], scheme.dtype)
         say(f"qoqc: KV cache {kv_bytes:,} bytes/token" + (
@@ -173,7 +178,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             cfg = ckpt.config  # rotation unties lm_head
         kernels = pipeline.kernels_for(tgt)
         if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size)
+            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size, scheme.kv_rotation)
         else:
             model = LlamaForCausalLM(cfg, scheme.dtype, tgt, kernels)
         model = QuantizeLinears(scheme, kernels).visit("", model)

@@ -54,6 +54,37 @@ def _rotated(qkv, t, head, i, positions, freq, d: int, theta: float):
     return expr
 
 
+def hadamard_sign(i, j):
+    """Entry (i, j) of the Sylvester Hadamard matrix of an order up to 2^16, (-1)^popcount(i & j), as
+    float32; the parity by xor-folding shifts (plain integer ops, which vectorize; LLVM's ctpop
+    intrinsic is refused for TVM's vector types)."""
+    b = tirx.Cast("int32", i) & tirx.Cast("int32", j)
+    for s in (8, 4, 2, 1):
+        b = b ^ (b >> s)
+    return tirx.const(1.0, "float32") - (b & 1).astype("float32") * tirx.const(2.0, "float32")
+
+
+def hadamard_row(x, i, d: int):
+    """(H_D x)_i / sqrt(D) for a vector x in (shared) memory: D fp32 multiply-adds, j ascending."""
+    acc = tirx.const(0.0, "float32")
+    for j in range(d):
+        acc = acc + x[j] * hadamard_sign(i, j)
+    return acc * tirx.const(d ** -0.5, "float32")
+
+
+@T.macro
+def fwht(x, d: int):
+    """x <- H_D x in place, unnormalized: log2(D) stages of butterflies (x[lo], x[lo + h]) <-
+    (x[lo] + x[lo + h], x[lo] - x[lo + h]) at strides h = 1, 2, 4, ... (one CPU "thread")."""
+    for s in range(d.bit_length() - 1):
+        for p in range(d // 2):
+            lo = ((p >> s) << (s + 1)) + (p & ((1 << s) - 1))
+            a = x[lo]
+            b = x[lo + (1 << s)]
+            x[lo] = a + b
+            x[lo + (1 << s)] = a - b
+
+
 def rope_q(qkv: te.Tensor, positions: te.Tensor, num_q_heads: int, theta: float, rope_scaling: dict) -> te.Tensor:
     """qkv [T, Hq + 2 Hkv, D], positions [T] int32 -> RoPE(q) [T, Hq, D] (K is rotated by ``kv4_append``)."""
     d = int(qkv.shape[2])
@@ -62,12 +93,56 @@ def rope_q(qkv: te.Tensor, positions: te.Tensor, num_q_heads: int, theta: float,
                       lambda t, h, i: _rotated(qkv, t, h, i, positions, freq, d, theta), name="q_rope")
 
 
+def rope_q_rotated(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float, rope_scaling: dict,
+                   dtype: str, gpu: bool) -> tirx.PrimFunc:
+    """RoPE(q), then H_D RoPE(q) / sqrt(D): what ``kv4_append(rotate=True)`` does to K, so q . k is
+    unchanged. One block per (token, q head). On GPUs one thread per element sums its row of the
+    Hadamard matrix over the RoPE'd vector in shared memory (D fp32 multiply-adds each, j
+    ascending); on CPUs a fast Walsh-Hadamard transform rotates the vector in place (D/2 log2 D
+    butterflies, ``fwht``; ``quant.simulate`` sums in that order).
+    PrimFunc (qkv [T, Hq + 2 Hkv, D], positions [T], out [T, Hq, D])."""
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"the q/k Hadamard rotation needs a power-of-2 head_dim, got {head_dim}")
+    freq = switch_rope_freq_func(dict(rope_scaling))
+    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
+    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+    shared = "shared" if gpu else "global"
+    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
+
+    @T.prim_func(private=True)
+    def rope_rotate(var_qkv: T.handle, var_pos: T.handle, var_out: T.handle):
+        T.func_attr(attrs)
+        n = T.int64()
+        qkv = T.match_buffer(var_qkv, (n, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
+        positions = T.match_buffer(var_pos, (n,), "int32")
+        out = T.match_buffer(var_out, (n, num_q_heads, head_dim), dtype)
+        for bx in outer(n * num_q_heads):
+            x = T.alloc_buffer((head_dim,), "float32", scope=shared)
+            t = bx // num_q_heads
+            h = bx % num_q_heads
+            for i in inner(head_dim):
+                x[i] = T.Cast("float32", _rotated(qkv, t, h, i, positions, freq, head_dim, theta))
+            if gpu:
+                for i in inner(head_dim):
+                    T.tvm_storage_sync("shared")
+                    out[t, h, i] = T.Cast(dtype, hadamard_row(x, i, head_dim))
+            else:
+                fwht(x, head_dim)
+                for i in range(head_dim):
+                    out[t, h, i] = T.Cast(dtype, x[i] * T.float32(head_dim ** -0.5))
+
+    return rope_rotate
+
+
 def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, theta: float,
-               rope_scaling: dict, dtype: str, gpu: bool) -> tirx.PrimFunc:
+               rope_scaling: dict, dtype: str, gpu: bool, rotate: bool = False) -> tirx.PrimFunc:
     """In place, one block per (new token, K or V, kv head), one thread per element: RoPE (K only,
-    rounded to ``dtype`` as the model's activations are), then (scale, minimum) and UINT4 codes
+    rounded to ``dtype`` as the model's activations are), with ``rotate`` then H_D RoPE(k) / sqrt(D)
+    in fp32 (as ``rope_q_rotated`` rotates q), then (scale, minimum) and UINT4 codes
     (``quant.reference.kv4_quantize``) written to slot ``slots[t]`` of layer ``layer``.
     PrimFunc (kv_data, kv_param, qkv [T, Hq + 2 Hkv, D], positions [T], slots [T], layer int64)."""
+    if rotate and head_dim & (head_dim - 1):
+        raise ValueError(f"the q/k Hadamard rotation needs a power-of-2 head_dim, got {head_dim}")
     half = head_dim // 2
     freq = switch_rope_freq_func(dict(rope_scaling))
     outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
@@ -91,7 +166,8 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
         positions = T.match_buffer(var_pos, (n,), "int32")
         slots = T.match_buffer(var_slots, (n,), "int32")
         for bx in outer(n * 2 * num_kv_heads):
-            x = T.alloc_buffer((head_dim,), "float32", scope=shared)
+            x0 = T.alloc_buffer((head_dim,), "float32", scope=shared)  # RoPE(k) or v
+            x = T.alloc_buffer((head_dim,), "float32", scope=shared)   # what is quantized
             st = T.alloc_buffer((2,), "float16", scope=shared)  # scale, minimum as stored
             t = bx // (2 * num_kv_heads)
             kv = bx // num_kv_heads % 2
@@ -99,9 +175,25 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
             slot = T.Cast("int64", slots[t])
             for i in inner(head_dim):
                 if kv == 0:
-                    x[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim, theta))
+                    x0[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim, theta))
                 else:
-                    x[i] = T.Cast("float32", qkv[t, num_q_heads + num_kv_heads + h, i])
+                    x0[i] = T.Cast("float32", qkv[t, num_q_heads + num_kv_heads + h, i])
+            if rotate and not gpu:
+                if kv == 0:
+                    fwht(x0, head_dim)
+            for i in inner(head_dim):
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                if rotate:
+                    if kv == 0:
+                        if gpu:
+                            x[i] = hadamard_row(x0, i, head_dim)
+                        else:
+                            x[i] = x0[i] * T.float32(head_dim ** -0.5)
+                    else:
+                        x[i] = x0[i]
+                else:
+                    x[i] = x0[i]
             for i in inner(head_dim):
                 if gpu:
                     T.tvm_storage_sync("shared")

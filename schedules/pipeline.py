@@ -29,7 +29,8 @@ from .intrin import load_cuda_intrinsics
 #: Compute definitions and kernels that the model emits (handed to the frontend by the compiler).
 kernels = SimpleNamespace(gpu=False, act_quant=act_quant.act_quant, argmax=argmax.argmax,
                           w8a8_matmul=w8a8_gemm.w8a8_matmul, w4a8_matmul=w4a8_gemm.w4a8_matmul,
-                          w4a8_tensor_core=None, rope_q=kv4_attention.rope_q, kv4_append=kv4_attention.kv4_append,
+                          w4a8_tensor_core=None, rope_q=kv4_attention.rope_q,
+                          rope_q_rotated=kv4_attention.rope_q_rotated, kv4_append=kv4_attention.kv4_append,
                           kv4_attention=kv4_attention.kv4_attention, kv4_merge=kv4_attention.kv4_merge,
                           kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape,
                           kv4_prefill_tensor_core=None)

@@ -28,19 +28,47 @@ def _t(a):
 THETA = 10000.0
 
 
-def append_tokens(k, v, pos, cache, slots, layer):
-    """kv4_append of new tokens' K (rotated in the kernel) and V into ``cache`` (data, param);
-    returns RoPE(k) as TVM computes it (``rope_q`` on K placed in the q heads: the same expression)."""
+def append_tokens(k, v, pos, cache, slots, layer, rotate=False):
+    """kv4_append of new tokens' K (RoPE'd, and Hadamard-rotated with ``rotate``, in the kernel) and V
+    into ``cache`` (data, param); returns the K it quantizes as TVM computes it (``rope_q`` on K
+    placed in the q heads: the same expressions, summed in the same order)."""
     n, hkv, d = k.shape
     qkv = np.concatenate([k, k, v], axis=1)                  # "q" heads = K, so rope_q(qkv) = RoPE(K)
     qkv_p = te.placeholder(qkv.shape, "float32", name="qkv")
     pos_p = te.placeholder((n,), "int32", name="pos")
     k_rot = _t(np.zeros((n, hkv, d), "float32"))
-    _build(te.create_prim_func([qkv_p, pos_p, ka.rope_q(qkv_p, pos_p, hkv, THETA, {})]))(_t(qkv), _t(pos), k_rot)
+    if rotate:
+        _build(ka.rope_q_rotated(hkv, hkv, d, THETA, {}, "float32", gpu=False))(_t(qkv), _t(pos), k_rot)
+    else:
+        _build(te.create_prim_func([qkv_p, pos_p, ka.rope_q(qkv_p, pos_p, hkv, THETA, {})]))(_t(qkv), _t(pos), k_rot)
     num_layers = cache[0].shape[0]
-    _build(ka.kv4_append(num_layers, hkv, hkv, d, THETA, {}, "float32", gpu=False))(
+    _build(ka.kv4_append(num_layers, hkv, hkv, d, THETA, {}, "float32", gpu=False, rotate=rotate))(
         cache[0], cache[1], _t(qkv), _t(pos), _t(slots), layer)
     return k_rot.numpy()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_hadamard_rotation_of_q_and_k(d):
+    """rope_q_rotated and kv4_append with ``rotate``: H_D RoPE(x) / sqrt(D) (float64 within 1e-4), and
+    the cached K is q's rotation applied to K, quantized, bit for bit."""
+    from qoq_compiler.quant.hadamard import orthogonal_hadamard
+
+    rng = np.random.default_rng(d)
+    n, hkv, page = 9, 2, 4
+    k = (rng.standard_normal((n, hkv, d)) * rng.uniform(0.2, 3, size=(1, hkv, d))).astype("float32")
+    v = rng.standard_normal((n, hkv, d)).astype("float32")
+    pos = rng.integers(0, 5000, size=n).astype("int32")
+    slots = rng.permutation(4 * page)[:n].astype("int32")
+    cache = (_t(np.zeros((1, 2, 4 * page, hkv, d // 2), "uint8")), _t(np.zeros((1, 2, 4 * page, hkv, 2), "float16")))
+    k_hat = append_tokens(k, v, pos, cache, slots, 0, rotate=True)
+    expected = ref.rope(k.astype(np.float64), pos, THETA) @ orthogonal_hadamard(d)
+    assert np.linalg.norm(k_hat - expected) / np.linalg.norm(expected) < 1e-4  # fp32 angles at positions < 5000
+    data, param = cache[0].numpy()[0][:, slots], cache[1].numpy()[0][:, slots]
+    for i, x in enumerate((k_hat, v)):
+        data_ref, param_ref = ref.packed_codes(x)
+        assert (data[i] == data_ref).all() and (param[i] == param_ref).all()
+    with pytest.raises(ValueError, match="power-of-2 head_dim"):
+        ka.kv4_append(1, 6, 2, 96, THETA, {}, "float32", gpu=False, rotate=True)
 
 
 @pytest.mark.parametrize("hq,hkv,d,page,lengths", [

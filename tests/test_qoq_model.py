@@ -22,9 +22,9 @@ PROMPT = [1, 45, 300, 17, 99, 260, 4, 511, 128, 77, 300, 12, 5, 6, 8, 9, 10, 11,
 CALIB = dict(calib_samples=4, calib_seq_len=64)
 
 
-def _scheme(group, passes=True, dtype="float32"):
+def _scheme(group, passes=True, dtype="float32", kv_rotation=False):
     p = QoQPasses(reorder=group is not None, clip=group is None, **CALIB) if passes else None
-    return QuantScheme("test", dtype, weights="int4", group=group, kv="int4", passes=p)
+    return QuantScheme("test", dtype, weights="int4", group=group, kv="int4", passes=p, kv_rotation=kv_rotation)
 
 
 def _simulated_logits(src, scheme, ids):
@@ -35,10 +35,13 @@ def _simulated_logits(src, scheme, ids):
         return model(torch.tensor([ids])).logits[0].numpy(), float_logits
 
 
-@pytest.mark.parametrize("name,group", [("llama", 32), ("qwen2", None), ("mistral", 128)])
-def test_compiled_w4a8kv4_equals_simulation(name, group, tiny_dirs, tmp_path):
-    """fp32 activations: compiled == fake-quant simulation; prefill, then decode token by token."""
-    scheme = _scheme(group)
+@pytest.mark.parametrize("name,group,kv_rotation", [("llama", 32, False), ("qwen2", None, False),
+                                                    ("mistral", 128, False), ("llama", 32, True),
+                                                    ("qwen2", None, True)])
+def test_compiled_w4a8kv4_equals_simulation(name, group, kv_rotation, tiny_dirs, tmp_path):
+    """fp32 activations: compiled == fake-quant simulation; prefill, then decode token by token
+    (with ``kv_rotation``: q and k Hadamard-rotated after RoPE in the kernels and the simulation)."""
+    scheme = _scheme(group, kv_rotation=kv_rotation)
     eng = load(compile(tiny_dirs[name], target="llvm", quant=scheme, output=tmp_path / "a", progress=False))
     assert eng.manifest["kv_cache"] == {"kind": "kv4-paged", "page_size": 16}
     sim, float_logits = _simulated_logits(tiny_dirs[name], scheme, PROMPT)

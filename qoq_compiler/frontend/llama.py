@@ -232,8 +232,9 @@ class KV4Cache:
 
     def __init__(self, cfg: ModelConfig, dtype: str, kernels, gpu: bool, page_size: int, prefill: bool,
                  data: Tensor, param: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor,
-                 slots: Tensor):
+                 slots: Tensor, rotate: bool = False):
         self.cfg, self.dtype, self.kernels, self.gpu, self.page_size = cfg, dtype, kernels, gpu, page_size
+        self.rotate = rotate  # q and k times the head dimension's Hadamard matrix after RoPE
         self.prefill = prefill
         self.data, self.param = data, param
         self.positions, self.token_seq, self.page_table, self.slots = positions, token_seq, page_table, slots
@@ -242,12 +243,17 @@ class KV4Cache:
         cfg, k = self.cfg, self.kernels
         b, t, heads, d = qkv.shape
         x = op.reshape(qkv, (b * t, heads, d))
-        q = op.tensor_expr_op(partial(k.rope_q, num_q_heads=num_heads, theta=cfg.rope_theta,
-                                      rope_scaling=dict(cfg.rope_scaling)), "rope_q", [x, self.positions])
+        if self.rotate:
+            q = op.tensor_ir_op(k.rope_q_rotated(num_heads, cfg.num_kv_heads, d, cfg.rope_theta,
+                                                 dict(cfg.rope_scaling), self.dtype, self.gpu), "rope_q_rotated",
+                                [x, self.positions], out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
+        else:
+            q = op.tensor_expr_op(partial(k.rope_q, num_q_heads=num_heads, theta=cfg.rope_theta,
+                                          rope_scaling=dict(cfg.rope_scaling)), "rope_q", [x, self.positions])
         layer = tirx.IntImm("int64", layer_id)  # a scalar argument: one kernel serves every layer
         self.data, self.param = op.tensor_ir_inplace_op(
             k.kv4_append(cfg.num_layers, num_heads, cfg.num_kv_heads, d, cfg.rope_theta, dict(cfg.rope_scaling),
-                         self.dtype, self.gpu), "kv4_append",
+                         self.dtype, self.gpu, self.rotate), "kv4_append",
             [self.data, self.param, x, self.positions, self.slots, layer], inplace_indices=[0, 1],
             out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
         tensor_core = None
@@ -283,14 +289,14 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels, page_size: int):
+    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels, page_size: int, kv_rotation: bool = False):
         super().__init__(cfg, dtype, target, kernels)
-        self.page_size = page_size
+        self.page_size, self.kv_rotation = page_size, kv_rotation
         self.gpu = "gpu" in target.keys
 
     def _cache(self, prefill, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
         return KV4Cache(self.cfg, self.dtype, self.kernels, self.gpu, self.page_size, prefill, kv_data, kv_param,
-                        positions, token_seq, page_table, slots)
+                        positions, token_seq, page_table, slots, self.kv_rotation)
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, positions: Tensor, token_seq: Tensor,
                 page_table: Tensor, slots: Tensor, kv_data: Tensor, kv_param: Tensor):

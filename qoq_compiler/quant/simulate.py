@@ -8,7 +8,8 @@ is checked against the simulation on a subset (``tests/test_qoq_model.py``):
                   x -> clamp(round(x / s), -127, 127) * s,  s = fp16(max|x| / 127)
     KV cache      K (after RoPE) and V fake-quantized per (token, kv head) to UINT4 with an fp16
                   scale and minimum (``reference.kv4_quantize``), through the attention function
-                  ``qoqc_kv4`` (transformers' SDPA on the dequantized K/V)
+                  ``qoqc_kv4`` (transformers' SDPA on the dequantized K/V); with ``kv_rotation``
+                  q and k are first multiplied by the head dimension's orthonormal Hadamard matrix
 Everything else (embedding, norms, lm_head, softmax) runs in the model's dtype.
 """
 
@@ -38,9 +39,26 @@ def fake_quantize_kv4(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round((xf - lo) / s), 0, 15) * s + lo).to(x.dtype)
 
 
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] times the orthonormal Hadamard matrix H_D / sqrt(D), in fp32 by the butterflies of a
+    fast Walsh-Hadamard transform in ``kv4_attention.fwht``'s order, so K's 4-bit codes round as the
+    CPU kernel's do (CUDA kernels sum each row directly: equal but for rounding)."""
+    d = x.shape[-1]
+    y = x.float()
+    h = 1
+    while h < d:
+        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], d)
+        h *= 2
+    return (y * d ** -0.5).to(x.dtype)
+
+
 def _kv4_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if getattr(module, "qoqc_kv_rotation", False):  # the scheme rotates q and k after RoPE
+        query, key = hadamard_rotate(query), hadamard_rotate(key)
     return sdpa_attention_forward(module, query, fake_quantize_kv4(key), fake_quantize_kv4(value), attention_mask,
                                   **kwargs)
 
@@ -77,3 +95,5 @@ def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight] | N
     if scheme.kv == "int4":
         _register_attention()
         model.set_attn_implementation(ATTENTION)
+        for layer in model.model.layers:
+            layer.self_attn.qoqc_kv_rotation = scheme.kv_rotation

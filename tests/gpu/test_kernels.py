@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qoq_compiler.quant.hadamard import orthogonal_hadamard
 from qoq_compiler.quant.reference import kv4_quantize
 from schedules.reference import act_quant as act_ref
 from schedules.reference import argmax as argmax_ref
@@ -100,9 +101,9 @@ def test_kv4_prefill_attention(prebuilt, kernels, rng):
 
 
 def test_kv4_append(prebuilt, kernels, rng):
-    """RoPE(K) and V quantized into their slots: minima exact, scales within an fp16 ulp of the
-    NumPy spec, every value within half a quantization step of float64 (RoPE(K), V); every other
-    slot untouched."""
+    """RoPE(K) (Hadamard-rotated where the schemes rotate it) and V quantized into their slots:
+    minima exact, scales within an fp16 ulp of the NumPy spec, every value within half a
+    quantization step of float64; every other slot untouched."""
     attn = prebuilt.spec["attention"]
     hq, hkv, d = attn["heads"]
     page, layers, theta = attn["page"], attn["layers"], attn["theta"]
@@ -120,6 +121,8 @@ def test_kv4_append(prebuilt, kernels, rng):
     assert (data[:, :, untouched] == data0[:, :, untouched]).all()
     assert (param[:, :, untouched] == param0[:, :, untouched]).all()
     k = kv4_ref.rope(qkv[:, hq:hq + hkv].astype(np.float64), pos, theta)
+    if attn["kv_rotation"]:
+        k = k @ orthogonal_hadamard(d)
     v = qkv[:, hq + hkv:].astype(np.float64)
     for i, (x, rounding) in enumerate(((k, 2.0 ** -10), (v, 0.0))):  # K is RoPE'd in fp32, rounded to fp16
         _, scale, low = kv4_quantize(x)
@@ -128,6 +131,19 @@ def test_kv4_append(prebuilt, kernels, rng):
         x_hat = kv4_ref.dequantize(data[layer, i, slots], got)
         step = got[..., :1].astype(np.float64)
         assert (np.abs(x_hat - x) <= 0.5 * step * (1 + 2.0 ** -9) + rounding * np.abs(x) + 1e-6).all(), i
+
+
+def test_rope_q_rotated(prebuilt, kernels, rng):
+    """q's RoPE and Hadamard rotation (what K gets in the cache) against float64."""
+    attn = prebuilt.spec["attention"]
+    hq, hkv, d = attn["heads"]
+    n = 50
+    qkv = rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float16)
+    pos = rng.integers(0, 4000, size=n).astype(np.int32)
+    out = kernels.tensor(np.full((n, hq, d), np.nan, np.float16))
+    kernels.rope_q(kernels.tensor(qkv), kernels.tensor(pos), out)
+    expected = kv4_ref.rope(qkv[:, :hq].astype(np.float64), pos, attn["theta"]) @ orthogonal_hadamard(d)
+    assert _rel(out.numpy(), expected) < 2e-3  # fp16 output, fp32 angles
 
 
 @pytest.mark.parametrize("kind", act_ref.KINDS)
