@@ -136,7 +136,7 @@ if FastAPI is not None:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> "FastAPI":
     """The FastAPI app serving ``engine`` under ``model_name``."""
-    worker = EngineWorker(engine, max_queue)
+    worker = EngineWorker(engine)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -76,8 +76,8 @@ class Metrics:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.scheduler, self.max_queue = engine, engine.scheduler, max_queue
+    def __init__(self, engine: Engine):
+        self.engine, self.scheduler = engine, engine.scheduler
         self.metrics = Metrics()
         self.inbox: queue.Queue = queue.Queue()
         self.sinks: dict[int, Sink] = {}
@@ -94,10 +94,6 @@ class EngineWorker:
         self._stopping.set()
         self.inbox.put(("wake",))
         self._thread.join(timeout=60)
-
-    @property
-    def full(self) -> bool:
-        return self.queued >= self.max_queue
 
     # ---------------------------------------------------------------- called from the event loop
     def submit(self, submission: Submission, sink: Sink) -> None:
