@@ -95,7 +95,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--wikitext-windows", type=int, default=None, help="first N windows (default: all)")
     p.add_argument("--persuasion-windows", type=int, default=None, help="first N windows (default: all)")
-    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples of 512 tokens (default 128)")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration samples of 512 tokens (default 64)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {', '.join(ROWS)}")
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args()

@@ -113,7 +113,7 @@ def _pass_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-gptq", action="store_true", help="round-to-nearest 4-bit codes instead of GPTQ")
     g.add_argument("--calib-text", default=None,
                    help="calibration text file or directory of *.txt (default: the packaged public-domain novel)")
-    g.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 128)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 64)")
     g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sample (default 512)")
 
 

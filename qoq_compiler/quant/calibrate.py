@@ -2,7 +2,7 @@
 
 ``calibration_tokens`` reads a text file or a directory of ``*.txt`` files (default: the packaged
 public-domain ``data/calibration.txt``), tokenizes their concatenation and draws N windows of L
-tokens at seeded random offsets (defaults 128 x 512).
+tokens at seeded random offsets (defaults 64 x 512).
 
 ``iter_layer_stats`` runs the model over the samples one decoder layer at a time (batched; on the
 GPU when there is one, one layer there at a time): the hidden states of all samples are kept,
@@ -87,7 +87,7 @@ class _HessianSum:
 
 @torch.no_grad()
 def iter_layer_stats(model, tokens: torch.Tensor, batch_size: int = 8, hessians: bool = False,
-                     progress: bool = True) -> Iterator[tuple[int, LayerStats]]:
+                     progress: bool = False) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, its statistics) for every decoder layer, in order."""
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -21,6 +21,7 @@ anyway in the g128 recipe, and per-channel clipping of them is a small share of 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import QuantScheme
 from ..errors import QoqcError
@@ -61,21 +62,29 @@ def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, p
                 for i in range(n_layers) for name in linear_names(i).values()}
     if tokenizer is None:
         raise QoqcError(f"scheme {scheme.name} calibrates on text, but the model has no tokenizer")
+    bar = tqdm(total=n_layers, desc=scheme.name, unit="layer", disable=not progress)
     if passes.rotation:
+        bar.set_postfix_str("Hadamard rotation")
         rotate(model)
     tokens = calibration_tokens(tokenizer, read_text(passes.calib_text), passes.calib_samples, passes.calib_seq_len)
     need_h = passes.gptq or (passes.clip and scheme.group is None)
     out: dict[str, QuantizedWeight] = {}
-    for i, st in iter_layer_stats(model, tokens, batch_size, hessians=need_h, progress=progress):
+    stats = iter_layer_stats(model, tokens, batch_size, hessians=need_h)
+    for _ in range(n_layers):
+        bar.set_postfix_str("activation statistics" + (" and Hessians" if need_h else ""))
+        i, st = next(stats)
         layer, hs, down_absmax = model.model.layers[i], st.hessians, st.down_absmax
         if passes.reorder and scheme.group is not None:
+            bar.set_postfix_str("reorder")
             pi = reorder_down_proj(layer, down_absmax)
             down_absmax = down_absmax[pi]
             if hs:
                 hs["down"] = hs["down"][pi][:, pi]
         if passes.smooth_attn_alpha is not None:
+            bar.set_postfix_str("SmoothAttention")
             smooth_attention(layer, attention_scales(st.k_absmax, passes.smooth_attn_alpha))
         if passes.smooth_down is not None:
+            bar.set_postfix_str("SmoothLinear")
             alpha, beta = passes.smooth_down
             w_absmax = layer.mlp.down_proj.weight.detach().abs().amax(dim=0)
             s = linear_scales(down_absmax, w_absmax, alpha, beta)
@@ -83,6 +92,9 @@ def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, p
             if hs:
                 hs["down"] = hs["down"] / (s[:, None] * s[None, :])
         for key, name in linear_names(i).items():
+            bar.set_postfix_str(("GPTQ " if passes.gptq else "round ") + key)
             out[name] = quantize_weight(scheme, fused_weight(model, name), hs.get(key), clip=passes.clip,
                                         gptq=passes.gptq)
+        bar.update()
+    bar.close()
     return out
