@@ -58,6 +58,7 @@ ROWS = {
     "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None), True),
     "no-rotation": ("QoQ g128, no residual/V-O rotation", _g128(rotation=False), True),
     "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False), True),
+    "no-grid-search": ("QoQ g128, level-2 grid by rounding (no search)", _g128(grid_search=False), True),
     # the error's parts: 4-bit weights alone, then with 8-bit activations (KV cache in float)
     "g128-w4": ("QoQ g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"),
                 False),

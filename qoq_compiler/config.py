@@ -30,7 +30,8 @@ class QoQPasses:
 
     ``smooth_attn_alpha`` None turns SmoothAttention off; ``smooth_down`` (alpha, beta) or None
     turns SmoothLinear on down_proj off; ``reorder`` sorts down_proj's input channels (g128 only);
-    ``clip`` grid-searches per-channel clipping ratios (per-channel weights only).
+    ``clip`` grid-searches per-channel clipping ratios (per-channel weights only); ``grid_search``
+    chooses each g128 group's integer scale rounding and clipping by its Hessian-weighted error.
     """
 
     rotation: bool = True
@@ -39,6 +40,7 @@ class QoQPasses:
     reorder: bool = True
     clip: bool = False
     gptq: bool = True
+    grid_search: bool = True  # progressive groups pick their level-2 grid by weighted error
     calib_text: str | None = None  # file or directory of *.txt; None: the packaged default
     calib_samples: int = 64  # as good as 128 on SmolLM2 (docs/accuracy.md), in half the time
     calib_seq_len: int = 512

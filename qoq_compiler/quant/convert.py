@@ -34,9 +34,10 @@ QuantizedWeight = Int8Weight | ProgressiveWeight | ChannelWeight
 
 
 def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None = None, clip: bool = False,
-                    gptq: bool = True) -> QuantizedWeight:
+                    gptq: bool = True, search: bool = False) -> QuantizedWeight:
     """Round-to-nearest without ``h``; with the input Hessian ``h``: clipping search (``clip``,
-    per-channel only) and GPTQ (``gptq``)."""
+    per-channel only) and GPTQ (``gptq``). ``search``: progressive groups choose their level-2
+    grid by weighted error (``reference.progressive_quantize``)."""
     if scheme.weights == "int8":
         q, s = quantize_per_token(w.double().numpy())
         return Int8Weight(q, s[:, 0])
@@ -44,8 +45,9 @@ def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None
         raise ValueError(f"scheme {scheme.name} keeps its weights in {scheme.weights}")
     if scheme.group is not None:
         if gptq and h is not None:
-            return gptq_progressive(w, h, group=scheme.group)
-        return progressive_quantize(w.double().numpy(), group=scheme.group)
+            return gptq_progressive(w, h, group=scheme.group, search=search)
+        return progressive_quantize(w.double().numpy(), group=scheme.group, search=search,
+                                    importance=None if h is None else torch.diag(h).numpy())
     ratio = search_channel_ratios(w.double().numpy(), h.numpy()) if clip and h is not None else 1.0
     if gptq and h is not None:
         return gptq_per_channel(w, h, ratio)

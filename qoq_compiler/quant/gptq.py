@@ -67,9 +67,11 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantize_column, block: int, damp: f
 
 
 def gptq_progressive(w: torch.Tensor, h: torch.Tensor, group: int = 128, block: int = 128,
-                     damp: float = 0.01, protect: int = PROTECTIVE_RANGE) -> ProgressiveWeight:
-    """Progressive g128 codes by GPTQ, with s1/s2/z2 fixed from round-to-nearest on the original W."""
-    static = progressive_quantize(w.double().numpy(), group=group, protect=protect)
+                     damp: float = 0.01, protect: int = PROTECTIVE_RANGE, search: bool = False) -> ProgressiveWeight:
+    """Progressive g128 codes by GPTQ, with s1/s2/z2 fixed from the original W: round-to-nearest, or
+    with ``search`` each group's grid chosen by its error weighted by diag(H)."""
+    static = progressive_quantize(w.double().numpy(), group=group, protect=protect, search=search,
+                                  importance=torch.diag(h).numpy() if search else None)
     s1 = torch.from_numpy(static.s1.astype(np.float64))
     s2 = torch.from_numpy(static.s2.astype(np.float64))
     z2 = torch.from_numpy(static.z2.astype(np.float64))

@@ -94,7 +94,7 @@ def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, p
         for key, name in linear_names(i).items():
             bar.set_postfix_str(("GPTQ " if passes.gptq else "round ") + key)
             out[name] = quantize_weight(scheme, fused_weight(model, name), hs.get(key), clip=passes.clip,
-                                        gptq=passes.gptq)
+                                        gptq=passes.gptq, search=passes.grid_search)
         bar.update()
     bar.close()
     return out
