@@ -14,21 +14,9 @@ from schedules.reference import kv4 as ref
 
 
 def _case(hq, hkv, d, page, seqs, seed=0):
-    """A random paged cache holding every sequence's history and new tokens; seqs: (history, new)."""
-    rng = np.random.default_rng(seed)
-    layers, layer = 2, 1
-    lengths = [h + n for h, n in seqs]
-    table, pages = ref.page_table(lengths, page, 2, rng)  # pages out of order: the kernel must follow it
-    data = rng.integers(0, 256, size=(layers, 2, pages * page, hkv, d // 2)).astype("uint8")
-    param = np.stack([rng.uniform(0.01, 0.3, size=(layers, 2, pages * page, hkv)),
-                      rng.uniform(-2, 0, size=(layers, 2, pages * page, hkv))], axis=-1).astype("float16")
-    seq = np.concatenate([[b] * n for b, (_, n) in enumerate(seqs)]).astype("int32")
-    pos = np.concatenate([np.arange(h, h + n) for h, n in seqs]).astype("int32")
-    q = (rng.standard_normal((len(seq), hq, d)) * 0.5).astype("float16")
-    deq = ref.dequantize(data, param)
-    hist = ref.history_slots(table, seq, pos, page)
-    expected = ref.attention(q, [deq[layer, 0, h] for h in hist], [deq[layer, 1, h] for h in hist], d ** -0.5)
-    return (q, data, param, pos, seq, table, layer, page, d ** -0.5, hkv), expected
+    """A random paged cache (pages out of order: the kernel must follow the table); seqs: (history, new)."""
+    args, expected = ref.random_case(hq, hkv, d, page, 2, seqs, np.random.default_rng(seed))
+    return (*args, page, d ** -0.5, hkv), expected
 
 
 @pytest.mark.parametrize("hq,hkv,d,page,seqs", [

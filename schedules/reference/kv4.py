@@ -6,6 +6,7 @@ cache's contents and attention, in float64 NumPy.
                   ``quant.reference.kv4_quantize``, two per byte along D, low nibble first
     dequantize    kv_data uint8 [..., D/2], kv_param fp16 [..., 2] -> float64 [..., D]
     attention     each query's softmax attention over its (dequantized) history
+    random_case   a random paged cache with ragged histories and its expected attention
 """
 
 from __future__ import annotations
@@ -66,3 +67,23 @@ def history_slots(table: np.ndarray, seq: np.ndarray, pos: np.ndarray, page: int
     """For each token t, the cache slots of positions 0..pos[t] of its sequence seq[t]."""
     return [table[seq[t], np.arange(pos[t] + 1) // page] * page + np.arange(pos[t] + 1) % page
             for t in range(len(seq))]
+
+
+def random_case(hq: int, hkv: int, d: int, page: int, layers: int, seqs: list[tuple[int, int]],
+                rng: np.random.Generator):
+    """A random paged cache (codes and (scale, min), never zeros) holding sequences of (history, new)
+    tokens in pages from a shuffled pool with 2 spare pages, the new tokens' queries, and the
+    float64 attention of each over its history in the last layer. Returns
+    ((q fp16 [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table, layer), expected)."""
+    table, pages = page_table([h + n for h, n in seqs], page, 2, rng)
+    data = rng.integers(0, 256, size=(layers, 2, pages * page, hkv, d // 2), dtype=np.uint8)
+    param = np.stack([rng.uniform(0.01, 0.3, size=(layers, 2, pages * page, hkv)),
+                      rng.uniform(-2, 0, size=(layers, 2, pages * page, hkv))], axis=-1).astype(np.float16)
+    seq = np.concatenate([[b] * n for b, (_, n) in enumerate(seqs)]).astype(np.int32)
+    pos = np.concatenate([np.arange(h, h + n) for h, n in seqs]).astype(np.int32)
+    q = (rng.standard_normal((len(seq), hq, d)) * 0.5).astype(np.float16)
+    deq = dequantize(data, param)
+    hist = history_slots(table, seq, pos, page)
+    layer = layers - 1
+    expected = attention(q, [deq[layer, 0, h] for h in hist], [deq[layer, 1, h] for h in hist], d ** -0.5)
+    return (q, data, param, pos, seq, table, layer), expected

@@ -53,23 +53,9 @@ def test_w4a8_gemm_every_tile(prebuilt, kernels, rng, group):
                                                      f"{np.abs(got.astype(np.float64) - expected[rows]).max():.3g}")
 
 
-def _paged_case(prebuilt, rng, lengths):
-    """A random cache with every sequence's pages drawn from a shuffled pool, the per-token
-    (position, sequence) of each sequence's last ``new`` tokens, and q."""
-    hq, hkv, d = prebuilt.spec["attention"]["heads"]
-    page, layers = prebuilt.spec["attention"]["page"], prebuilt.spec["attention"]["layers"]
-    table, pages = kv4_ref.page_table([h + n for h, n in lengths], page, 2, rng)
-    data = rng.integers(0, 256, size=(layers, 2, pages * page, hkv, d // 2), dtype=np.uint8)
-    param = np.stack([rng.uniform(0.01, 0.3, size=(layers, 2, pages * page, hkv)),
-                      rng.uniform(-2, 0, size=(layers, 2, pages * page, hkv))], axis=-1).astype(np.float16)
-    seq = np.concatenate([[b] * n for b, (_, n) in enumerate(lengths)]).astype(np.int32)
-    pos = np.concatenate([np.arange(h, h + n) for h, n in lengths]).astype(np.int32)
-    q = (rng.standard_normal((len(seq), hq, d)) * 0.5).astype(np.float16)
-    deq = kv4_ref.dequantize(data, param)
-    hist = kv4_ref.history_slots(table, seq, pos, page)
-    layer = layers - 1
-    expected = kv4_ref.attention(q, [deq[layer, 0, h] for h in hist], [deq[layer, 1, h] for h in hist], d ** -0.5)
-    return (q, data, param, pos, seq, table, layer), expected
+def _paged_case(prebuilt, rng, seqs):
+    attn = prebuilt.spec["attention"]
+    return kv4_ref.random_case(*attn["heads"], attn["page"], attn["layers"], seqs, rng)
 
 
 def _attend(kernels, run, q, data, param, pos, seq, table, layer):
