@@ -170,15 +170,20 @@ class Request:
         does not end in an undecodable byte, and the window moves on. Joining these differences is
         the text, streamed or not (a whole-output decode can differ where byte-fallback tokens
         re-split)."""
-        tokens = self.prompt[-CONTEXT_TOKENS:] + self.out
+        context = self.prompt[-CONTEXT_TOKENS:]
         if self._window is None:
-            self._window = (len(tokens) - len(self.out), len(tokens) - len(self.out))
-        start, read = self._window
-        if len(tokens) > read:
-            before, after = detokenize(tokens[start:read]), detokenize(tokens[start:])
+            self._window = (0, len(context))
+        start, read = self._window  # positions in context + out, without building that list each token
+        end = len(context) + len(self.out)
+
+        def tokens(i: int, j: int) -> list[int]:
+            return context[i:j] + self.out[max(i - len(context), 0):max(j - len(context), 0)]
+
+        if end > read:
+            before, after = detokenize(tokens(start, read)), detokenize(tokens(start, end))
             if len(after) > len(before) and (final or not after.endswith("\ufffd")):
                 self._decoded += after[len(before):]
-                self._window = (read, len(tokens))
+                self._window = (read, end)
         return self._decoded
 
     def _safe(self, text: str) -> int:
