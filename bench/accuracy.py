@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from qoq_compiler.config import QUANT_SCHEMES  # noqa: E402
 from qoq_compiler.frontend.checkpoint import default_model_path, load_torch_model, open_checkpoint  # noqa: E402
+from qoq_compiler.quant.kv_choice import choose_kv_rotation  # noqa: E402
 from qoq_compiler.quant.qoq import quantize_model  # noqa: E402
 from qoq_compiler.quant.simulate import simulate  # noqa: E402
 from qoq_compiler.runtime.evaluate import log_softmax_nll, wikitext_text  # noqa: E402
@@ -55,10 +56,22 @@ ROWS = {
     "rtn": ("RTN W4A8KV4 g128", QUANT_SCHEMES["rtn-w4a8kv4"], True),
     "qoq-g128": ("QoQ W4A8KV4 g128", QUANT_SCHEMES["qoq-w4a8kv4-g128"], True),
     "qoq-chn": ("QoQ W4A8KV4 per-channel", QUANT_SCHEMES["qoq-w4a8kv4-chn"], True),
-    "no-smooth-attn": ("QoQ g128, no SmoothAttention", _g128(smooth_attn_alpha=None), True),
+    # the K cache's treatment forced instead of chosen per model (quant.kv_choice)
+    "kv-rotated": ("QoQ g128, q/k rotated, no SmoothAttention", _g128(smooth_attn_alpha=None, choose_kv_rotation=False),
+                   True),
+    "smooth-attn": ("QoQ g128, q/k rotated and SmoothAttention alpha 0.5",
+                    _g128(smooth_attn_alpha=0.5, choose_kv_rotation=False), True),
+    "smooth-attn-0.25": ("QoQ g128, q/k rotated and SmoothAttention alpha 0.25",
+                         _g128(smooth_attn_alpha=0.25, choose_kv_rotation=False), True),
+    "no-smooth-down": ("QoQ g128, no SmoothLinear on down_proj", _g128(smooth_down=None), True),
     "no-rotation": ("QoQ g128, no residual/V-O rotation", _g128(rotation=False), True),
     "no-gptq": ("QoQ g128, no GPTQ", _g128(gptq=False), True),
-    "no-grid-search": ("QoQ g128, level-2 grid by rounding (no search)", _g128(grid_search=False), True),
+    "no-grid-search": ("QoQ g128, level-2 grid by rounding (no search)", _g128(grid_search=None), True),
+    "grid-hessian": ("QoQ g128, level-2 grid by the Hessian's diagonal block", _g128(grid_search="hessian"), True),
+    "smooth-search": ("QoQ g128, SmoothLinear (alpha, beta) searched per layer", _g128(smooth_down_search=True),
+                      True),
+    "sequential": ("QoQ g128, sequential calibration", _g128(sequential=True), True),
+    "calib-1024": ("QoQ g128, calibration samples of 1024 tokens", _g128(calib_seq_len=1024), True),
     # the error's parts: 4-bit weights alone, then with 8-bit activations (KV cache in float)
     "g128-w4": ("QoQ g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"),
                 False),
@@ -66,14 +79,15 @@ ROWS = {
     "kv4": ("KV4 only (float weights and activations), q/k rotated",
             replace(QUANT_SCHEMES["fp16"], kv="int4", kv_rotation=True), False),
     "kv4-no-rot": ("KV4 only, no q/k rotation", replace(QUANT_SCHEMES["fp16"], kv="int4"), False),
-    "no-kv-rotation": ("QoQ g128, no q/k rotation", replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv_rotation=False),
-                       True),
+    "no-kv-rotation": ("QoQ g128, no q/k rotation, SmoothAttention alpha 0.5",
+                       replace(_g128(smooth_attn_alpha=0.5, choose_kv_rotation=False), kv_rotation=False), True),
     "rtn-w4": ("RTN g128 weights only (W4A16, float KV)", replace(QUANT_SCHEMES["rtn-w4a8kv4"], kv="float"), False),
     # SmolLM2's GGUF weights already sit on a 4-bit g32 grid: RTN on that grid shows what the g128 grid costs
     "rtn-g32-w4": ("RTN g32 weights only (W4A16, float KV)",
                    replace(QUANT_SCHEMES["rtn-w4a8kv4"], group=32, kv="float"), False),
 }
-DEFAULT_ROWS = "fp16,w8a8,rtn,qoq-g128,qoq-chn,no-smooth-attn,no-rotation,no-kv-rotation,no-gptq"
+DEFAULT_ROWS = ("fp16,w8a8,rtn,qoq-g128,qoq-chn,kv-rotated,no-kv-rotation,smooth-attn,no-smooth-down,no-rotation,"
+                "no-gptq,no-grid-search,g128-w4,g128-w4a8,kv4,kv4-no-rot")
 
 
 def windows(tokenizer, text: str, limit: int | None) -> list[np.ndarray]:
@@ -119,6 +133,10 @@ def main() -> int:
         if scheme is not None:
             if scheme.passes is not None and args.calib_samples:
                 scheme = replace(scheme, passes=replace(scheme.passes, calib_samples=args.calib_samples))
+            # the K cache's treatment changes the weights too (SmoothAttention): rows that keep KV in float
+            # take the choice their scheme makes with a 4-bit cache
+            chosen, _ = choose_kv_rotation(model, tokenizer, replace(scheme, kv="int4") if scheme.passes else scheme)
+            scheme = replace(chosen, kv=scheme.kv)
             weights = quantize_model(model, tokenizer, scheme) if scheme.weights != "float" else None
             simulate(model, scheme, weights, activations=activations)
         t1 = time.perf_counter()

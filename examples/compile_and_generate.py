@@ -18,7 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--target", default="llvm")
-    ap.add_argument("--quant", default="fp16")
+    ap.add_argument("--quant", default=qoq_compiler.DEFAULT_SCHEME)
     ap.add_argument("--output", default="dist/example")
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--max-new-tokens", type=int, default=24)

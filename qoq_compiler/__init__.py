@@ -1,6 +1,6 @@
 """qoqc: a TVM compiler that serves Hugging Face causal LMs with QoQ W4A8KV4 quantization.
 
-    qoq_compiler.compile(model, target="llvm", quant="fp16", output=...) -> artifact path
+    qoq_compiler.compile(model, target="llvm", quant="qoq-w4a8kv4-g128", output=...) -> artifact path
     qoq_compiler.load(artifact, device="cpu") -> Engine
 
 ``load`` imports only the runtime (no compiler, torch or model code).
@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from .config import DEFAULT_SCHEME  # noqa: E402
 from .errors import QoqcError  # noqa: E402
 
 
@@ -25,4 +26,4 @@ def load(path, device: str = "cpu", **kwargs):
     return Engine(path, device=device, **kwargs)
 
 
-__all__ = ["QoqcError", "compile", "load", "__version__"]
+__all__ = ["DEFAULT_SCHEME", "QoqcError", "compile", "load", "__version__"]

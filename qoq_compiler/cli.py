@@ -13,7 +13,7 @@ import threading
 from dataclasses import replace
 
 from . import __version__
-from .config import QUANT_SCHEMES, QuantScheme
+from .config import DEFAULT_SCHEME, QUANT_SCHEMES, QuantScheme
 from .errors import QoqcError
 
 
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", default=None,
                    help="cuda: GPU archs to compile device code for, comma-separated (default sm_80,sm_89,sm_90; "
                         "PTX of the newest is added for later GPUs); llvm: an LLVM CPU name (default: this CPU)")
-    c.add_argument("--quant", default="fp16", help=f"quantization scheme: {', '.join(QUANT_SCHEMES)} (default: fp16)")
+    c.add_argument("--quant", default=DEFAULT_SCHEME,
+                   help=f"quantization scheme: {', '.join(QUANT_SCHEMES)} (default: {DEFAULT_SCHEME})")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
     c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's target)")
     ev.add_argument("--target", default="llvm", help="when compiling a model first: llvm or cuda")
-    ev.add_argument("--quant", default="fp16", help="when compiling a model first: the quantization scheme")
+    ev.add_argument("--quant", default=DEFAULT_SCHEME,
+                    help=f"when compiling a model first: the quantization scheme (default: {DEFAULT_SCHEME})")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     _pass_options(ev)
 
@@ -73,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                         "at load (speed does not depend on the weights; no quantization or calibration runs)")
     b.add_argument("--target", default="llvm", help="--config-only: llvm or cuda (default: llvm)")
     b.add_argument("--arch", default=None, help="--config-only: the target's arch, as for compile")
-    b.add_argument("--quant", default="fp16", help=f"--config-only: {', '.join(QUANT_SCHEMES)} (default: fp16)")
+    b.add_argument("--quant", default=DEFAULT_SCHEME,
+                   help=f"--config-only: {', '.join(QUANT_SCHEMES)} (default: {DEFAULT_SCHEME})")
     b.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's target)")
     b.add_argument("--input-len", type=int, default=1024, help="prompt tokens per sequence (default: 1024)")
     b.add_argument("--output-len", type=int, default=512, help="generated tokens per sequence (default: 512)")
@@ -106,9 +109,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pass_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("QoQ passes (qoq-* schemes)")
+    g.add_argument("--kv-rotation", choices=("auto", "on", "off"), default=None,
+                   help="the 4-bit K cache: q/k Hadamard-rotated after RoPE without SmoothAttention (on), "
+                        "not rotated with SmoothAttention (off), or whichever gives the lower calibration "
+                        "loss (auto, the default)")
     g.add_argument("--smooth-attn-alpha", type=float, default=None,
-                   help="SmoothAttention exponent alpha, lambda = max|K|^alpha (default 0.5)")
-    g.add_argument("--no-smooth-attn", action="store_true", help="skip SmoothAttention")
+                   help="SmoothAttention exponent, lambda = max|K|^alpha, when K is not rotated (default 0.5)")
     g.add_argument("--no-rotation", action="store_true", help="skip the Hadamard rotations")
     g.add_argument("--no-gptq", action="store_true", help="round-to-nearest 4-bit codes instead of GPTQ")
     g.add_argument("--calib-text", default=None,
@@ -128,7 +134,13 @@ def _scheme(args) -> QuantScheme:
             raise QoqcError(f"--smooth-attn-alpha {args.smooth_attn_alpha} must lie in [0, 1]")
         changes["smooth_attn_alpha"] = args.smooth_attn_alpha
         flags.append("--smooth-attn-alpha")
-    for flag, field, value in (("no_smooth_attn", "smooth_attn_alpha", None), ("no_rotation", "rotation", False),
+    if args.kv_rotation in ("on", "off"):
+        changes["choose_kv_rotation"] = False
+        flags.append("--kv-rotation")
+        if args.kv_rotation == "on" and args.smooth_attn_alpha is None:
+            changes["smooth_attn_alpha"] = None
+        scheme = replace(scheme, kv_rotation=args.kv_rotation == "on")
+    for flag, field, value in (("no_rotation", "rotation", False),
                                ("no_gptq", "gptq", False)):
         if getattr(args, flag):
             changes[field] = value

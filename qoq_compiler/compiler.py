@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import QUANT_SCHEMES, QuantScheme
+from .config import DEFAULT_SCHEME, QUANT_SCHEMES, QuantScheme
 from .errors import QoqcError
 from .frontend.checkpoint import default_model_path, from_torch_model, load_torch_model, open_checkpoint
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
@@ -35,6 +35,7 @@ from .frontend.synthetic import open_config
 from .passes.quantize_linears import QuantizeLinears
 from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
+from .quant.kv_choice import choose_kv_rotation
 from .quant.qoq import quantize_model
 from .runtime.artifact import CPU_FEATURES, LIBRARY, TOKENIZER_DIR, write_manifest, writing
 from .runtime.kv_cache import bytes_per_token
@@ -118,7 +119,7 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
     return Path("dist") / f"{name}-{quant}-{target}"
 
 
-def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = "fp16",
+def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = DEFAULT_SCHEME,
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
             progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
@@ -173,6 +174,10 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         if scheme.weights == "int4" and not random_weights:
             say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
             hf = ckpt.torch_model if ckpt.torch_model is not None else load_torch_model(model_path)
+            scheme, loss = choose_kv_rotation(hf, ckpt.tokenizer, scheme)
+            if loss is not None:
+                say(f"qoqc: KV4: q/k {'Hadamard-rotated' if scheme.kv_rotation else 'not rotated, SmoothAttention'}"
+                    f" (4-bit-KV calibration loss {loss['rotated']:.4f} rotated, {loss['smoothed']:.4f} smoothed)")
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head

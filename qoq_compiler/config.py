@@ -31,7 +31,13 @@ class QoQPasses:
     ``smooth_attn_alpha`` None turns SmoothAttention off; ``smooth_down`` (alpha, beta) or None
     turns SmoothLinear on down_proj off; ``reorder`` sorts down_proj's input channels (g128 only);
     ``clip`` grid-searches per-channel clipping ratios (per-channel weights only); ``grid_search``
-    chooses each g128 group's integer scale rounding and clipping by its Hessian-weighted error.
+    chooses each g128 group's integer scale rounding and clipping by its error weighted by the
+    Hessian's diagonal ("diag") or its diagonal block ("hessian"), or not at all (None);
+    ``smooth_down_search`` searches SmoothLinear's (alpha, beta) per layer instead of using
+    ``smooth_down``;
+    ``sequential`` calibrates each layer on the outputs of the layers before it as quantized;
+    ``choose_kv_rotation`` decides per model between a Hadamard-rotated K cache without
+    SmoothAttention and an unrotated one with SmoothAttention (``quant.kv_choice``).
     """
 
     rotation: bool = True
@@ -40,7 +46,10 @@ class QoQPasses:
     reorder: bool = True
     clip: bool = False
     gptq: bool = True
-    grid_search: bool = True  # progressive groups pick their level-2 grid by weighted error
+    grid_search: str | None = "diag"  # progressive groups pick their level-2 grid by weighted error
+    smooth_down_search: bool = False
+    sequential: bool = False
+    choose_kv_rotation: bool = False
     calib_text: str | None = None  # file or directory of *.txt; None: the packaged default
     calib_samples: int = 64  # as good as 128 on SmolLM2 (docs/accuracy.md), in half the time
     calib_seq_len: int = 512
@@ -77,14 +86,20 @@ QUANT_SCHEMES = {
     "fp16": QuantScheme("fp16", "float16"),
     "fp32": QuantScheme("fp32", "float32"),
     "w8a8": QuantScheme("w8a8", "float16", weights="int8"),
-    # the 4-bit KV cache rotates q and k after RoPE (docs/accuracy.md: KV4 alone +13.0% -> +5.9%)
-    "rtn-w4a8kv4": QuantScheme("rtn-w4a8kv4", "float16", weights="int4", group=128, kv="int4", kv_rotation=True),
+    "rtn-w4a8kv4": QuantScheme("rtn-w4a8kv4", "float16", weights="int4", group=128, kv="int4"),
+    # the calibrated schemes choose per model between rotating q/k after RoPE (then no SmoothAttention:
+    # it costs accuracy) and SmoothAttention alone (docs/accuracy.md: SmolLM2 and Qwen2.5 want opposite ones)
     "qoq-w4a8kv4-g128": QuantScheme("qoq-w4a8kv4-g128", "float16", weights="int4", group=128, kv="int4",
-                                    kv_rotation=True, passes=QoQPasses()),
+                                    kv_rotation=True, passes=QoQPasses(choose_kv_rotation=True)),
     # deepcompressor's qoq-gchn.yaml: no reordering, clipping search, gentler down_proj smoothing
     "qoq-w4a8kv4-chn": QuantScheme("qoq-w4a8kv4-chn", "float16", weights="int4", kv="int4", kv_rotation=True,
-                                   passes=QoQPasses(smooth_down=(0.1, 0.9), reorder=False, clip=True)),
+                                   passes=QoQPasses(smooth_down=(0.1, 0.9), reorder=False, clip=True,
+                                                    choose_kv_rotation=True)),
 }
+
+
+#: the scheme ``qoqc compile`` and ``compile()`` use unless told otherwise: the mission's W4A8KV4
+DEFAULT_SCHEME = "qoq-w4a8kv4-g128"
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,31 @@ def test_layer_hessians_are_the_inputs_second_moments(tiny_dirs):
     for key, x in seen.items():
         x = x.reshape(-1, x.shape[-1]).double()
         assert torch.allclose(stats[1].hessians[key], 2 / len(x) * x.T @ x, rtol=1e-4, atol=1e-6), key
+
+
+def test_sequential_calibration_feeds_the_quantized_layer_outputs(tiny_dirs):
+    """Without changes both orders see the same inputs; after layer 0's weights change at its step,
+    layer 1 is calibrated on the new layer 0's outputs only in sequential order."""
+    model = hf_model(tiny_dirs["llama"])
+    tokens = torch.randint(3, 512, (4, 24), generator=torch.Generator().manual_seed(2))
+    plain = dict(iter_layer_stats(model, tokens, batch_size=2, hessians=True, down_sample=True))
+    same = dict(iter_layer_stats(model, tokens, batch_size=2, hessians=True, sequential=True))
+    assert torch.equal(plain[1].hessians["qkv"], same[1].hessians["qkv"])
+    assert plain[1].down_sample.shape == (4 * 2, model.config.intermediate_size)  # tokens 0 and 16 of each
+
+    def changed(sequential):
+        m = hf_model(tiny_dirs["llama"])
+        out = {}
+        for i, st in iter_layer_stats(m, tokens, batch_size=2, hessians=True, sequential=sequential):
+            out[i] = st
+            if i == 0:
+                with torch.no_grad():
+                    m.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+        return out
+    assert torch.equal(changed(False)[1].hessians["qkv"], plain[1].hessians["qkv"])
+    seq = changed(True)[1].hessians["qkv"]
+    assert not torch.allclose(seq, plain[1].hessians["qkv"])
+    m = hf_model(tiny_dirs["llama"])
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    assert torch.allclose(dict(iter_layer_stats(m, tokens, batch_size=2, hessians=True))[1].hessians["qkv"], seq)

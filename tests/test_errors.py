@@ -93,6 +93,7 @@ def test_kv4_needs_head_dim_multiple_of_8(capsys, tmp_path, tiny_dirs):
     (("--target", "cuda", "--arch", "sm_70"), "invalid CUDA arch 'sm_70'"),
     (("--quant", "int3"), "invalid quant scheme 'int3'"),
     (("--quant", "w8a8", "--no-rotation"), "--no-rotation: options of the qoq-* schemes"),
+    (("--quant", "rtn-w4a8kv4", "--kv-rotation", "on"), "--kv-rotation: options of the qoq-* schemes"),
     (("--quant", "qoq-w4a8kv4-g128", "--smooth-attn-alpha", "2"), "must lie in [0, 1]"),
     (("--quant", "qoq-w4a8kv4-g128", "--calib-text", "/nonexistent.txt"), "calibration text does not exist"),
     (("--quant", "qoq-w4a8kv4-g128", "--calib-samples", "0"), "--calib-samples must be at least 1"),

@@ -63,14 +63,17 @@ def test_batched_kv4_decode_equals_alone(tiny_dirs, tmp_path):
     assert together == [eng.generate(p, max_new_tokens=20).token_ids for p in prompts]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_qoq_passes_are_exact(name, tiny_dirs):
-    """Rotation, reordering and smoothing change the weights, not the float model's outputs."""
+@pytest.mark.parametrize("name,search", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_qoq_passes_are_exact(name, search, tiny_dirs):
+    """Rotation, reordering and smoothing (SmoothAttention, SmoothLinear fixed or searched) change
+    the weights, not the float model's outputs, QKV biases included (Qwen2)."""
     model = hf_model(tiny_dirs[name])
     ids = torch.tensor([PROMPT])
+    scheme = _scheme(128)
+    scheme = replace(scheme, passes=replace(scheme.passes, smooth_attn_alpha=0.5, smooth_down_search=search))
     with torch.no_grad():
         before = model(ids).logits[0].numpy()
-        quantize_model(model, AutoTokenizer.from_pretrained(tiny_dirs[name]), _scheme(128), progress=False)
+        quantize_model(model, AutoTokenizer.from_pretrained(tiny_dirs[name]), scheme, progress=False)
         assert rel_err(model(ids).logits[0].numpy(), before) < 1e-5
 
 

@@ -11,13 +11,15 @@ each layer is run over them with hooks, and its outputs become the next layer's 
     down_absmax [I]       max |x| per input channel of down_proj        (SmoothLinear, reordering)
     hessians    {"qkv", "o", "gate_up", "down"}: 2/T X^T X [K, K] float64 of each linear's
                 input X [T, K] (q/k/v share one input, as do gate/up)    (GPTQ, clipping search)
+    down_sample [T / 16, I] every 16th token's down_proj input       (SmoothLinear search)
 RoPE is applied to the hooked k_proj output the way transformers does (rotate_half layout,
 cos/sin from the model's own rotary embedding), so llama3-scaled RoPE is honoured too.
 
 The caller may change layer i's weights between two steps (smoothing, reordering: exact
-transforms that leave the layer's outputs as computed); the next layer's inputs are the float
-outputs of layer i, not of its quantized version (deepcompressor's order is not documented; the
-float inputs save one more forward pass per layer).
+transforms that leave the layer's outputs as computed). The next layer's inputs are the float
+outputs of layer i, or with ``sequential`` its outputs recomputed after the caller has replaced
+its weights by their quantized values (GPTQ's sequential order: later layers are calibrated on
+the inputs they will see; one more forward pass per layer).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class LayerStats:
     k_absmax: torch.Tensor
     down_absmax: torch.Tensor
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    down_sample: torch.Tensor | None = None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,8 @@ class _HessianSum:
 
 @torch.no_grad()
 def iter_layer_stats(model, tokens: torch.Tensor, batch_size: int = 8, hessians: bool = False,
-                     progress: bool = False) -> Iterator[tuple[int, LayerStats]]:
+                     down_sample: bool = False, sequential: bool = False, progress: bool = False
+                     ) -> Iterator[tuple[int, LayerStats]]:
     """Yield (layer index, its statistics) for every decoder layer, in order."""
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -117,10 +121,14 @@ def iter_layer_stats(model, tokens: torch.Tensor, batch_size: int = 8, hessians:
             k = k * cos + _rotate_half(k) * sin
             torch.maximum(st.k_absmax, k.abs().amax(dim=(0, 1)).double().cpu(), out=st.k_absmax)
 
+        rows = []
+
         def down_hook(_mod, inp):
             x = inp[0].float()
             torch.maximum(st.down_absmax, x.abs().reshape(-1, x.shape[-1]).amax(dim=0).double().cpu(),
                           out=st.down_absmax)
+            if down_sample:
+                rows.append(x[:, ::16].reshape(-1, x.shape[-1]).cpu())
 
         def input_hook(key):
             return lambda _mod, inp: sums[key].add(inp[0])
@@ -131,13 +139,21 @@ def iter_layer_stats(model, tokens: torch.Tensor, batch_size: int = 8, hessians:
                 handles.append(mod.register_forward_pre_hook(input_hook(key)))
         try:
             layer.to(device)  # one layer at a time on the GPU when there is one
-            hidden = [layer(h, attention_mask=None, position_embeddings=cos_sin) for h in hidden]
+            outputs = [layer(h, attention_mask=None, position_embeddings=cos_sin) for h in hidden]
         finally:
             layer.to(home)
             for h in handles:
                 h.remove()
         st.hessians = {key: s.hessian() for key, s in sums.items()}
+        st.down_sample = torch.cat(rows) if rows else None
         yield i, st
+        if sequential:  # the caller has quantized layer i: the next layer sees its outputs
+            try:
+                layer.to(device)
+                outputs = [layer(h, attention_mask=None, position_embeddings=cos_sin) for h in hidden]
+            finally:
+                layer.to(home)
+        hidden = outputs
 
 
 def collect_stats(model, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[LayerStats]:

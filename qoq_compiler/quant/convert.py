@@ -25,7 +25,7 @@ import torch
 from ..config import QuantScheme
 from ..errors import QoqcError
 from .clipping import search_channel_ratios
-from .gptq import gptq_per_channel, gptq_progressive
+from .gptq import gptq_per_channel, gptq_progressive, grid_importance
 from .reference import ChannelWeight, Int8Weight, ProgressiveWeight, per_channel_quantize, progressive_quantize, \
     quantize_per_token
 
@@ -34,10 +34,10 @@ QuantizedWeight = Int8Weight | ProgressiveWeight | ChannelWeight
 
 
 def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None = None, clip: bool = False,
-                    gptq: bool = True, search: bool = False) -> QuantizedWeight:
+                    gptq: bool = True, search: str | None = None) -> QuantizedWeight:
     """Round-to-nearest without ``h``; with the input Hessian ``h``: clipping search (``clip``,
-    per-channel only) and GPTQ (``gptq``). ``search``: progressive groups choose their level-2
-    grid by weighted error (``reference.progressive_quantize``)."""
+    per-channel only) and GPTQ (``gptq``). ``search`` ("diag", "hessian" or None): progressive
+    groups choose their level-2 grid by that error (``gptq.gptq_progressive``)."""
     if scheme.weights == "int8":
         q, s = quantize_per_token(w.double().numpy())
         return Int8Weight(q, s[:, 0])
@@ -46,8 +46,8 @@ def quantize_weight(scheme: QuantScheme, w: torch.Tensor, h: torch.Tensor | None
     if scheme.group is not None:
         if gptq and h is not None:
             return gptq_progressive(w, h, group=scheme.group, search=search)
-        return progressive_quantize(w.double().numpy(), group=scheme.group, search=search,
-                                    importance=None if h is None else torch.diag(h).numpy())
+        return progressive_quantize(w.double().numpy(), group=scheme.group, search=search is not None,
+                                    importance=grid_importance(h, search))
     ratio = search_channel_ratios(w.double().numpy(), h.numpy()) if clip and h is not None else 1.0
     if gptq and h is not None:
         return gptq_per_channel(w, h, ratio)

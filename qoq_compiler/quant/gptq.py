@@ -66,12 +66,25 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, quantize_column, block: int, damp: f
     return out.numpy()
 
 
+def grid_importance(h: torch.Tensor | None, search: str | None) -> np.ndarray | None:
+    """What ``progressive_quantize`` weighs a group's error by, for a ``QoQPasses.grid_search`` mode."""
+    if search is None or h is None:
+        return None
+    if search == "diag":
+        return torch.diag(h).numpy()
+    if search == "hessian":
+        return h.numpy()
+    raise ValueError(f"unknown grid search objective {search!r}")
+
+
 def gptq_progressive(w: torch.Tensor, h: torch.Tensor, group: int = 128, block: int = 128,
-                     damp: float = 0.01, protect: int = PROTECTIVE_RANGE, search: bool = False) -> ProgressiveWeight:
+                     damp: float = 0.01, protect: int = PROTECTIVE_RANGE, search: str | None = None
+                     ) -> ProgressiveWeight:
     """Progressive g128 codes by GPTQ, with s1/s2/z2 fixed from the original W: round-to-nearest, or
-    with ``search`` each group's grid chosen by its error weighted by diag(H)."""
-    static = progressive_quantize(w.double().numpy(), group=group, protect=protect, search=search,
-                                  importance=torch.diag(h).numpy() if search else None)
+    each group's grid chosen by its error weighted by diag(H) (``search="diag"``) or by H's
+    diagonal block (``search="hessian"``)."""
+    static = progressive_quantize(w.double().numpy(), group=group, protect=protect, search=search is not None,
+                                  importance=grid_importance(h, search))
     s1 = torch.from_numpy(static.s1.astype(np.float64))
     s2 = torch.from_numpy(static.s2.astype(np.float64))
     z2 = torch.from_numpy(static.z2.astype(np.float64))

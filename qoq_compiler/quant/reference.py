@@ -79,16 +79,36 @@ GRID_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 GRID_ROUNDINGS = (np.floor, np.round, np.ceil)
 
 
+def _group_error(importance: np.ndarray | None, k: int, group: int):
+    """residual [N, G, g] (NaN-padded) -> error [N, G] under the weighting ``importance`` (None, [K] or [K, K])."""
+    imp = np.ones(k) if importance is None else np.asarray(importance, np.float64)
+    if imp.ndim == 1:
+        diag = np.nan_to_num(_groups(np.maximum(imp, 0)[None, :], group)[0], nan=0.0)  # [G, g]
+        return lambda e: np.nansum(diag[None] * e ** 2, axis=2)
+    ng = -(-k // group)
+    blocks = np.zeros((ng, group, group))
+    for j in range(ng):
+        b = imp[j * group:(j + 1) * group, j * group:(j + 1) * group]
+        blocks[j, :len(b), :len(b)] = b
+
+    def error(e):
+        e = np.nan_to_num(e, nan=0.0).transpose(1, 0, 2)  # [G, N, g]
+        return (np.matmul(e, blocks) * e).sum(axis=2).T
+    return error
+
+
 def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECTIVE_RANGE, search: bool = False,
                          importance: np.ndarray | None = None) -> ProgressiveWeight:
     """Level 1: s1 = fp16(max|w| / protect) per output channel, w1 = w / s1. Level 2 per group of
     ``group`` inputs: the integer scale s2 and zero z2 of UINT4 codes, q = round((w1 + z2) / s2).
 
     ``search``: instead of s2 = round(range / 15), each group takes the grid of ``GRID_RATIOS`` x
-    ``GRID_ROUNDINGS`` that minimises its squared error, weighted per input by ``importance`` (the
-    Hessian's diagonal: the layer-output error it causes), among the grids whose level-1 values
-    q * s2 - z2 stay in int8. Integer s2 makes round(range / 15) miss the range by up to half a
-    unit (the median s2 is ~9), a few percent of a group; the search picks the rounding and
+    ``GRID_ROUNDINGS`` that minimises its error among the grids whose level-1 values q * s2 - z2
+    stay in int8. The error of a group's residual e [g] is e^T H_gg e with ``importance`` the
+    layer's input Hessian H [K, K] (H_gg its diagonal block: the layer-output error the group
+    causes alone), or sum_i h_i e_i^2 with ``importance`` a vector h [K] (its diagonal), or the
+    plain squared error without it. Integer s2 makes round(range / 15) miss the range by up to half
+    a unit (the median s2 is ~9), a few percent of a group; the search picks the rounding and
     clipping that cost least."""
     w = np.asarray(w, dtype=np.float64)
     amax = np.abs(w).max(axis=1)
@@ -99,8 +119,7 @@ def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECT
     candidates = [(1.0, np.round)]
     if search:
         candidates = [(r, f) for r in GRID_RATIOS for f in GRID_ROUNDINGS]
-        imp = np.ones(w.shape[1]) if importance is None else np.maximum(np.asarray(importance, np.float64), 0)
-        imp = np.nan_to_num(_groups(imp[None, :], group)[0], nan=0.0)  # [G, g]
+        group_error = _group_error(importance, w.shape[1], group)
     best = None
     for ratio, rounding in candidates:
         lo, hi = vmin * ratio, vmax * ratio
@@ -111,7 +130,7 @@ def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECT
             best = (s2, z2, q)
             break
         valid = (15 * s2 - z2 <= 127) & (z2 <= 127) & (z2 >= -128)
-        err = np.nansum(imp[None] * (g - (q * s2[..., None] - z2[..., None])) ** 2, axis=2)
+        err = group_error(g - (q * s2[..., None] - z2[..., None]))
         err = np.where(valid, err, np.inf)
         if best is None:
             best = (s2, z2, q, err)

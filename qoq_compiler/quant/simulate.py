@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantScheme
-from ..frontend.loader import hf_sources
 from .convert import QuantizedWeight
-from .qoq import linear_names
+from .linears import linear_names, set_fused_weights
 from .reference import RANGE_FLOOR
 
 ATTENTION = "qoqc_kv4"
@@ -78,15 +77,9 @@ def simulate(model, scheme: QuantScheme, weights: dict[str, QuantizedWeight] | N
 
     To measure one quantizer's share of the error: ``weights=None`` leaves the weights in float,
     ``activations=False`` the linears' inputs, ``scheme.kv == "float"`` the KV cache."""
-    params = dict(model.named_parameters())
     for i, layer in enumerate(model.model.layers):
-        for name in linear_names(i).values() if weights is not None else ():
-            w = torch.from_numpy(weights[name].dequantize())
-            row = 0
-            for src in hf_sources(name):
-                p = params[src]
-                p.copy_(w[row:row + p.shape[0]].to(p.dtype))
-                row += p.shape[0]
+        if weights is not None:
+            set_fused_weights(model, {name: weights[name] for name in linear_names(i).values()})
         if not activations:
             continue
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,

@@ -15,9 +15,16 @@ SmoothLinear (down_proj). Its input x = silu(gate) * up; with s [I] > 0,
     x W_down^T = (x / s)(W_down diag(s))^T,   and x / s comes free from W_up[j] <- W_up[j] / s_j
 (the division commutes with the elementwise product), so activations lose outliers and the
 weight absorbs them:  s_j = max|x_j|^alpha / max_n |W_down[n, j]|^beta.
+``search_linear_scales`` picks (alpha, beta) per layer from a grid (identity included) by the
+layer's output error with both quantizers applied to the smoothed operands x' = x / s,
+W' = W diag(s):  tr(E' H' E'^T) + 2/T ||(Q8(X') - X') Q4(W')^T||^2,  E' = W' - Q4(W'),
+H' = H / (s s^T), the first term over all calibration tokens (the Hessian), the second over a
+sample X [T, I] of them (the cross term is dropped).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -65,3 +72,32 @@ def smooth_down_proj(layer, s: torch.Tensor) -> None:
     mlp = layer.mlp
     _scale_rows(mlp.up_proj, 1.0 / s.double())
     mlp.down_proj.weight.copy_((mlp.down_proj.weight.double() * s.double()[None, :]).to(mlp.down_proj.weight.dtype))
+
+
+#: (alpha, beta) tried by ``search_linear_scales``: no smoothing, then beta = 1 - alpha
+LINEAR_GRID = ((0.0, 0.0),) + tuple((a / 20, 1 - a / 20) for a in range(1, 20))
+
+
+def search_linear_scales(w: torch.Tensor, x_absmax: torch.Tensor, h: torch.Tensor, x_sample: torch.Tensor,
+                         quantize: Callable[[torch.Tensor], torch.Tensor],
+                         fake_quantize_act: Callable[[torch.Tensor], torch.Tensor],
+                         grid=LINEAR_GRID) -> tuple[tuple[float, float], torch.Tensor]:
+    """The (alpha, beta) of ``grid`` whose scales s [I] give down_proj (W [N, I], input Hessian
+    ``h``, sample inputs ``x_sample`` [T, I]) the least output error; ``quantize`` returns a
+    weight's dequantized 4-bit value, ``fake_quantize_act`` an activation's 8-bit one."""
+    w = w.double()
+    h = h.double()
+    x = x_sample.double()
+    w_absmax = w.abs().amax(dim=0)
+    best = (float("inf"), grid[0], torch.ones(w.shape[1], dtype=torch.float64))
+    for alpha, beta in grid:
+        s = linear_scales(x_absmax, w_absmax, alpha, beta) if alpha or beta else torch.ones_like(w_absmax)
+        ws = w * s[None, :]
+        wq = quantize(ws).double()
+        e = ws - wq
+        err = float(((e @ (h / (s[:, None] * s[None, :]))) * e).sum())
+        xs = x / s[None, :]
+        err += float(2.0 / len(x) * (((fake_quantize_act(xs).double() - xs) @ wq.T) ** 2).sum())
+        if err < best[0]:
+            best = (err, (alpha, beta), s)
+    return best[1], best[2]
