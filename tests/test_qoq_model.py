@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from qoq_compiler import compile, load
 from qoq_compiler.config import QUANT_SCHEMES, QoQPasses, QuantScheme
 from qoq_compiler.quant import reference as qref
+from qoq_compiler.quant.kv_choice import choose_kv_rotation
 from qoq_compiler.quant.qoq import quantize_model
 from qoq_compiler.quant.simulate import fake_quantize_kv4, fake_quantize_per_token, simulate
 from conftest import STORIES, hf_model, rel_err, requires_shared_data
@@ -28,10 +29,13 @@ def _scheme(group, passes=True, dtype="float32", kv_rotation=False):
 
 
 def _simulated_logits(src, scheme, ids):
+    """The simulation's logits, after the per-model KV choice the compiler makes too, and the float ones."""
     model = hf_model(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
     with torch.no_grad():
         float_logits = model(torch.tensor([ids])).logits[0].numpy()
-        simulate(model, scheme, quantize_model(model, AutoTokenizer.from_pretrained(src), scheme, progress=False))
+        scheme, _ = choose_kv_rotation(model, tokenizer, scheme)
+        simulate(model, scheme, quantize_model(model, tokenizer, scheme, progress=False))
         return model(torch.tensor([ids])).logits[0].numpy(), float_logits
 
 
@@ -99,6 +103,7 @@ def test_qoq_g128_fp16_artifact_on_real_weights(tmp_path):
     scheme = replace(scheme, passes=replace(scheme.passes, calib_samples=16, calib_seq_len=128))
     eng = load(compile(STORIES, target="llvm", quant=scheme, output=tmp_path / "a", progress=False))
     assert eng.manifest["quant_scheme"]["passes"]["calib_samples"] == 16
+    assert eng.manifest["quant_scheme"]["passes"]["choose_kv_rotation"] is False  # the choice made is recorded
     ids = eng.encode("Once upon a time, there was a little girl named Lily. She loved to play")
     sim, float_logits = _simulated_logits(STORIES, scheme, ids)
     got = eng.logits(ids)
