@@ -66,21 +66,22 @@ def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, p
     for _ in range(n_layers):
         bar.set_postfix_str("activation statistics" + (" and Hessians" if need_h else ""))
         i, st = next(stats)
-        layer, hs, down_absmax = model.model.layers[i], st.hessians, st.down_absmax
+        layer, hs, down_absmax, down_sample = model.model.layers[i], st.hessians, st.down_absmax, st.down_sample
         if passes.reorder and scheme.group is not None:
             bar.set_postfix_str("reorder")
             pi = reorder_down_proj(layer, down_absmax)
             down_absmax = down_absmax[pi]
             if hs:
                 hs["down"] = hs["down"][pi][:, pi]
+            if down_sample is not None:
+                down_sample = down_sample[:, pi]
         if passes.smooth_attn_alpha is not None:
             bar.set_postfix_str("SmoothAttention")
             smooth_attention(layer, attention_scales(st.k_absmax, passes.smooth_attn_alpha))
         if passes.smooth_down_search:
             bar.set_postfix_str("SmoothLinear search")
-            x_sample = st.down_sample[:, pi] if passes.reorder and scheme.group is not None else st.down_sample
             _, s = search_linear_scales(
-                layer.mlp.down_proj.weight.detach(), down_absmax, hs["down"], x_sample,
+                layer.mlp.down_proj.weight.detach(), down_absmax, hs["down"], down_sample,
                 lambda w: torch.from_numpy(quantize_weight(scheme, w).dequantize()), fake_quantize_per_token)
             smooth_down_proj(layer, s)
             hs["down"] = hs["down"] / (s[:, None] * s[None, :])
