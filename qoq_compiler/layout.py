@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .formats import round_up
+
 MMA_TILE = 32
 
 
 def pad32(x: int) -> int:
     """x rounded up to a multiple of 32 (the MMA layout's tile)."""
-    return -(-x // MMA_TILE) * MMA_TILE
+    return round_up(x, MMA_TILE)
 
 
 def mma_index(n, k):

@@ -8,8 +8,11 @@
     kv4_attention  RoPE + KV4 append, split-context paged KV4 attention and its merge
     kv4_prefill    tensor-core KV4 prefill attention for CUDA
     cpu_matmul     the CPU reduction schedule rule
+    toolkit        what the hand-written kernels share: ``Launch`` (one source for CPUs and CUDA)
     nvcc           device code ahead of time (fatbin) and ptxas' resource report
-    reference/     the NumPy reference of every kernel family, importable with TVM's runtime only
+    reference/     the NumPy reference of every kernel family, importable with TVM's runtime only;
+                   ``reference/ptx``: the PTX warp instructions (ldmatrix, mma) emulated by lane registers
+Format constants (127, 15, 119, the range floor) and shape helpers: ``qoq_compiler.formats``.
 
 Importing the package imports nothing: the kernel modules need TVM's compiler, the references
 and ``nvcc`` do not (the GPU test lane runs references beside kernels built elsewhere).

@@ -30,7 +30,10 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .reference.act_quant import KINDS, RANGE_FLOOR
+from qoq_compiler.formats import INT8_MAX, RANGE_FLOOR, ceildiv
+
+from .reference.act_quant import KINDS
+from .toolkit import Launch
 
 THREADS = 256
 LOG_THREADS = 8
@@ -46,11 +49,8 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     xsum [B, T, 1] int32."""
     if kind not in KINDS:
         raise ValueError(f"unknown activation-quantization kind {kind!r} (one of {', '.join(KINDS)})")
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    shared = "shared" if gpu else "global"
-    per_thread = -(-k // THREADS)
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
+    launch = Launch(gpu)
+    per_thread = ceildiv(k, THREADS)
     floor, inv_k, eps_ = (tirx.const(v, "float32") for v in (RANGE_FLOOR, 1.0 / k, eps))
 
     def rounded(v):
@@ -65,13 +65,13 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
         return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
 
     def quant(v, scale):
-        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-127)), T.float32(127)))
+        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
 
     @T.macro
     def tree(red, is_max):
         """red[0] = max or sum of red[0:THREADS]."""
         for s in T.unroll(LOG_THREADS):
-            for tid in inner(THREADS):
+            for tid in launch.threads(THREADS):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if tid < (THREADS >> (s + 1)):
@@ -83,10 +83,10 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     @T.macro
     def quantize_pass(value, amax, qx, sx, xsum, b, t, isum):
         """qx, sx from the row ``value(i)`` and its block maximum amax[0]; xsum by the tree."""
-        for tid in inner(THREADS):
+        for tid in launch.threads(THREADS):
             if gpu:
                 T.tvm_storage_sync("shared")
-            scale = T.Cast("float32", T.Cast("float16", T.max(amax[0], floor) / T.float32(127)))
+            scale = T.Cast("float32", T.Cast("float16", T.max(amax[0], floor) / T.float32(INT8_MAX)))
             acc = T.alloc_buffer((1,), "int32", scope="local")
             acc[0] = 0
             for j in range(per_thread):
@@ -99,7 +99,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
             if tid == 0:
                 sx[b, t, 0] = T.Cast("float16", scale)
         tree(isum, False)
-        for tid in inner(THREADS):
+        for tid in launch.threads(THREADS):
             if gpu:
                 T.tvm_storage_sync("shared")
             if tid == 0:
@@ -108,7 +108,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     @T.macro
     def row_max(value, fmax):
         """fmax[0] = max_i |value(i)|."""
-        for tid in inner(THREADS):
+        for tid in launch.threads(THREADS):
             if gpu:
                 T.tvm_storage_sync("shared")
             acc = T.alloc_buffer((1,), "float32", scope="local")
@@ -124,7 +124,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     def norm_quant(x, w, qx, sx, xsum, b, t, fsum, fmax, isum):
         """RMSNorm of the row x[b, t] (its sum of squares already in fsum[0]), then quantize; the
         row's rsqrt is computed once, into fsum[1]."""
-        for tid in inner(THREADS):
+        for tid in launch.threads(THREADS):
             if gpu:
                 T.tvm_storage_sync("shared")
             if tid == 0:
@@ -134,7 +134,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
 
     @T.macro
     def sum_squares(x, b, t, fsum):
-        for tid in inner(THREADS):
+        for tid in launch.threads(THREADS):
             acc = T.alloc_buffer((1,), "float32", scope="local")
             acc[0] = T.float32(0)
             for j in range(per_thread):
@@ -147,15 +147,15 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     if kind == "quantize":
         @T.prim_func(private=True)
         def func(var_x: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
-            T.func_attr(attrs)
+            T.func_attr(launch.attrs)
             nb, nt = T.int64(), T.int64()
             x = T.match_buffer(var_x, (nb, nt, k), dtype)
             qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
             sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
             xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
-            for bx in outer(nb * nt):
-                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+            for bx in launch.blocks(nb * nt):
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
                 b, t = bx // nt, bx % nt
                 row_max(lambda i: T.Cast("float32", x[b, t, i]), fmax)
                 quantize_pass(lambda i: T.Cast("float32", x[b, t, i]), fmax, qx, sx, xsum, b, t, isum)
@@ -163,17 +163,17 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     elif kind == "rmsnorm":
         @T.prim_func(private=True)
         def func(var_x: T.handle, var_w: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
-            T.func_attr(attrs)
+            T.func_attr(launch.attrs)
             nb, nt = T.int64(), T.int64()
             x = T.match_buffer(var_x, (nb, nt, k), dtype)
             w = T.match_buffer(var_w, (k,), dtype)
             qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
             sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
             xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
-            for bx in outer(nb * nt):
-                fsum = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+            for bx in launch.blocks(nb * nt):
+                fsum = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
                 b, t = bx // nt, bx % nt
                 sum_squares(x, b, t, fsum)
                 norm_quant(x, w, qx, sx, xsum, b, t, fsum, fmax, isum)
@@ -182,7 +182,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
         @T.prim_func(private=True)
         def func(var_x: T.handle, var_d: T.handle, var_w: T.handle, var_out: T.handle, var_qx: T.handle,
                  var_sx: T.handle, var_xsum: T.handle):
-            T.func_attr(attrs)
+            T.func_attr(launch.attrs)
             nb, nt = T.int64(), T.int64()
             x = T.match_buffer(var_x, (nb, nt, k), dtype)
             d = T.match_buffer(var_d, (nb, nt, k), dtype)
@@ -191,12 +191,12 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
             qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
             sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
             xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
-            for bx in outer(nb * nt):
-                fsum = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+            for bx in launch.blocks(nb * nt):
+                fsum = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
                 b, t = bx // nt, bx % nt
-                for tid in inner(THREADS):
+                for tid in launch.threads(THREADS):
                     acc = T.alloc_buffer((1,), "float32", scope="local")
                     acc[0] = T.float32(0)
                     for j in range(per_thread):
@@ -212,15 +212,15 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     else:
         @T.prim_func(private=True)
         def func(var_gu: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
-            T.func_attr(attrs)
+            T.func_attr(launch.attrs)
             nb, nt = T.int64(), T.int64()
             gu = T.match_buffer(var_gu, (nb, nt, 2 * k), dtype)
             qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
             sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
             xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
-            for bx in outer(nb * nt):
-                fmax = T.alloc_buffer((THREADS,), "float32", scope=shared)
-                isum = T.alloc_buffer((THREADS,), "int32", scope=shared)
+            for bx in launch.blocks(nb * nt):
+                fmax = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+                isum = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
                 b, t = bx // nt, bx % nt
                 row_max(lambda i: silu_mul(gu, b, t, i), fmax)
                 quantize_pass(lambda i: silu_mul(gu, b, t, i), fmax, qx, sx, xsum, b, t, isum)

@@ -15,7 +15,10 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qoq_compiler.formats import ceildiv
+
 from .act_quant import with_root_block
+from .toolkit import Launch
 
 THREADS = 256
 LOG_THREADS = 8
@@ -23,22 +26,19 @@ LOG_THREADS = 8
 
 def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
     """PrimFunc (logits fp32 [B, 1, vocab], tokens int32 [B])."""
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    shared = "shared" if gpu else "global"
-    per_thread = -(-vocab // THREADS)
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
+    launch = Launch(gpu)
+    per_thread = ceildiv(vocab, THREADS)
 
     @T.prim_func(private=True)
     def func(var_logits: T.handle, var_tokens: T.handle):
-        T.func_attr(attrs)
+        T.func_attr(launch.attrs)
         nb = T.int64()
         logits = T.match_buffer(var_logits, (nb, 1, vocab), "float32")
         tokens = T.match_buffer(var_tokens, (nb,), "int32")
-        for b in outer(nb):
-            best = T.alloc_buffer((THREADS,), "float32", scope=shared)
-            where = T.alloc_buffer((THREADS,), "int32", scope=shared)
-            for tid in inner(THREADS):
+        for b in launch.blocks(nb):
+            best = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
+            where = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
+            for tid in launch.threads(THREADS):
                 v = T.alloc_buffer((1,), "float32", scope="local")
                 at = T.alloc_buffer((1,), "int32", scope="local")
                 v[0] = T.reinterpret("float32", T.uint32(0xFF800000))  # -inf
@@ -52,7 +52,7 @@ def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
                 best[tid] = v[0]
                 where[tid] = at[0]
             for s in T.unroll(LOG_THREADS):
-                for tid in inner(THREADS):
+                for tid in launch.threads(THREADS):
                     if gpu:
                         T.tvm_storage_sync("shared")
                     if tid < (THREADS >> (s + 1)):
@@ -60,7 +60,7 @@ def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
                         if best[other] > best[tid] or (best[other] == best[tid] and where[other] < where[tid]):
                             best[tid] = best[other]
                             where[tid] = where[other]
-            for tid in inner(THREADS):
+            for tid in launch.threads(THREADS):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if tid == 0:

@@ -40,7 +40,9 @@ from tvm import te, tirx
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
-RANGE_FLOOR = 1e-4  # as quant.reference: every fp16 scale stays positive
+from qoq_compiler.formats import RANGE_FLOOR, UINT4_MAX, ceildiv
+
+from .toolkit import Launch
 LOG2E = 1.4426950408889634
 
 
@@ -104,26 +106,23 @@ def rope_q_rotated(num_q_heads: int, num_kv_heads: int, head_dim: int, theta: fl
     if head_dim & (head_dim - 1):
         raise ValueError(f"the q/k Hadamard rotation needs a power-of-2 head_dim, got {head_dim}")
     freq = switch_rope_freq_func(dict(rope_scaling))
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    shared = "shared" if gpu else "global"
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
+    launch = Launch(gpu)
 
     @T.prim_func(private=True)
     def rope_rotate(var_qkv: T.handle, var_pos: T.handle, var_out: T.handle):
-        T.func_attr(attrs)
+        T.func_attr(launch.attrs)
         n = T.int64()
         qkv = T.match_buffer(var_qkv, (n, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
         positions = T.match_buffer(var_pos, (n,), "int32")
         out = T.match_buffer(var_out, (n, num_q_heads, head_dim), dtype)
-        for bx in outer(n * num_q_heads):
-            x = T.alloc_buffer((head_dim,), "float32", scope=shared)
+        for bx in launch.blocks(n * num_q_heads):
+            x = T.alloc_buffer((head_dim,), "float32", scope=launch.shared)
             t = bx // num_q_heads
             h = bx % num_q_heads
-            for i in inner(head_dim):
+            for i in launch.threads(head_dim):
                 x[i] = T.Cast("float32", _rotated(qkv, t, h, i, positions, freq, head_dim, theta))
             if gpu:
-                for i in inner(head_dim):
+                for i in launch.threads(head_dim):
                     T.tvm_storage_sync("shared")
                     out[t, h, i] = T.Cast(dtype, hadamard_row(x, i, head_dim))
             else:
@@ -145,35 +144,32 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
         raise ValueError(f"the q/k Hadamard rotation needs a power-of-2 head_dim, got {head_dim}")
     half = head_dim // 2
     freq = switch_rope_freq_func(dict(rope_scaling))
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    shared = "shared" if gpu else "global"
+    launch = Launch(gpu)
     floor = tirx.const(RANGE_FLOOR, "float32")
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
 
     def code(x, lo, scale):
         c = T.round((x - T.Cast("float32", lo)) / T.Cast("float32", scale))
-        return T.Cast("uint8", T.min(T.max(c, T.float32(0)), T.float32(15)))
+        return T.Cast("uint8", T.min(T.max(c, T.float32(0)), T.float32(UINT4_MAX)))
 
     @T.prim_func(private=True)
     def append(var_data: T.handle, var_param: T.handle, var_qkv: T.handle, var_pos: T.handle, var_slots: T.handle,
                layer: T.int64):
-        T.func_attr(attrs)
+        T.func_attr(launch.attrs)
         n, s = T.int64(), T.int64()
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
         param = T.match_buffer(var_param, (num_layers, 2, s, num_kv_heads, 2), "float16")
         qkv = T.match_buffer(var_qkv, (n, num_q_heads + 2 * num_kv_heads, head_dim), dtype)
         positions = T.match_buffer(var_pos, (n,), "int32")
         slots = T.match_buffer(var_slots, (n,), "int32")
-        for bx in outer(n * 2 * num_kv_heads):
-            x0 = T.alloc_buffer((head_dim,), "float32", scope=shared)  # RoPE(k) or v
-            x = T.alloc_buffer((head_dim,), "float32", scope=shared)   # what is quantized
-            st = T.alloc_buffer((2,), "float16", scope=shared)  # scale, minimum as stored
+        for bx in launch.blocks(n * 2 * num_kv_heads):
+            x0 = T.alloc_buffer((head_dim,), "float32", scope=launch.shared)  # RoPE(k) or v
+            x = T.alloc_buffer((head_dim,), "float32", scope=launch.shared)   # what is quantized
+            st = T.alloc_buffer((2,), "float16", scope=launch.shared)  # scale, minimum as stored
             t = bx // (2 * num_kv_heads)
             kv = bx // num_kv_heads % 2
             h = bx % num_kv_heads
             slot = T.Cast("int64", slots[t])
-            for i in inner(head_dim):
+            for i in launch.threads(head_dim):
                 if kv == 0:
                     x0[i] = T.Cast("float32", _rotated(qkv, t, num_q_heads + h, i, positions, freq, head_dim, theta))
                 else:
@@ -181,7 +177,7 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
             if rotate and not gpu:
                 if kv == 0:
                     fwht(x0, head_dim)
-            for i in inner(head_dim):
+            for i in launch.threads(head_dim):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if rotate:
@@ -194,7 +190,7 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
                         x[i] = x0[i]
                 else:
                     x[i] = x0[i]
-            for i in inner(head_dim):
+            for i in launch.threads(head_dim):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 mm = T.alloc_buffer((2,), "float32", scope="local")  # min, max
@@ -206,10 +202,10 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
                         mm[1] = T.max(mm[1], x[d])
                     st[1] = T.Cast("float16", mm[0])
                     st[0] = T.Cast("float16", T.max(mm[1] - T.Cast("float32", T.Cast("float16", mm[0])), floor)
-                                   / T.float32(15))
+                                   / T.float32(UINT4_MAX))
                     param[layer, kv, slot, h, 0] = st[0]
                     param[layer, kv, slot, h, 1] = st[1]
-            for i in inner(head_dim):
+            for i in launch.threads(head_dim):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if i < half:
@@ -291,10 +287,6 @@ def _code(word, e: int):
     return T.reinterpret("float32", bits) - T.float32(8388608.0)
 
 
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                   sm_scale: float, dtype: str, gpu: bool, plan: SplitPlan | None = None) -> tirx.PrimFunc:
     """PrimFunc (q [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table [B, MP],
@@ -315,20 +307,14 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
     plan = plan or split_plan(num_q_heads, num_kv_heads, head_dim, gpu)
     half, group, lanes, keys, unroll = head_dim // 2, plan.group, plan.lanes, plan.keys, plan.unroll
     v_split, nt, by_key = plan.v_split, THREADS, THREADS // lanes
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
-    shared = "shared" if gpu else "global"
+    launch = Launch(gpu)
     scale = tirx.const(sm_scale * LOG2E, "float32")
     floor = T.float32(-3.0e38)
-    # On CUDA the phases are separated by explicit barriers and the kernel goes through TVM's tirx
-    # pipeline: the s_tir pipeline's ThreadSync cannot prove a thread's read-modify-writes of its
-    # own shared elements race-free (after CSE) and refuses to place barriers inside conditions.
-    attrs = {"tirx.noalias": True, "tirx.is_scheduled": True, **({"qoqc.tir_pipeline": "tirx"} if gpu else {})}
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_data: T.handle, var_param: T.handle, var_pos: T.handle,
                   var_seq: T.handle, var_table: T.handle, layer: T.int64, var_out: T.handle, var_ws: T.handle):
-        T.func_attr(attrs)
+        T.func_attr(launch.attrs)
         n, s, b, mp = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (n, num_q_heads, head_dim), dtype)
         data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
@@ -340,15 +326,15 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
         ws = T.match_buffer(var_ws, workspace_shape(plan), "float32")
         words = T.decl_buffer((num_layers, 2, s, num_kv_heads, lanes), "uint32", data=data.data)
         cap = T.meta_var(plan.splits_cap(n))
-        for bx in outer(n * num_kv_heads * cap):
-            q_sh = T.alloc_buffer((group, head_dim), "float32", scope=shared)
-            part = T.alloc_buffer((group, keys, lanes), "float32", scope=shared)
-            v_sh = T.alloc_buffer((keys, lanes), "uint32", scope=shared)
-            pair = T.alloc_buffer((keys, 4), "float32", scope=shared)  # K scale, K min, V scale, V min
-            score = T.alloc_buffer((group, keys), "float32", scope=shared)
-            prob = T.alloc_buffer((group, keys), "float32", scope=shared)
-            state = T.alloc_buffer((group, 4), "float32", scope=shared)  # max, denominator, correction, q sum
-            acc = T.alloc_buffer((v_split, group, head_dim), "float32", scope=shared)
+        for bx in launch.blocks(n * num_kv_heads * cap):
+            q_sh = T.alloc_buffer((group, head_dim), "float32", scope=launch.shared)
+            part = T.alloc_buffer((group, keys, lanes), "float32", scope=launch.shared)
+            v_sh = T.alloc_buffer((keys, lanes), "uint32", scope=launch.shared)
+            pair = T.alloc_buffer((keys, 4), "float32", scope=launch.shared)  # K scale, K min, V scale, V min
+            score = T.alloc_buffer((group, keys), "float32", scope=launch.shared)
+            prob = T.alloc_buffer((group, keys), "float32", scope=launch.shared)
+            state = T.alloc_buffer((group, 4), "float32", scope=launch.shared)  # max, denominator, correction, q sum
+            acc = T.alloc_buffer((v_split, group, head_dim), "float32", scope=launch.shared)
             t = T.Cast("int32", bx) // (num_kv_heads * cap)  # index math in 32 bits, slots in 64
             g = T.Cast("int32", bx) // cap % num_kv_heads
             split = T.Cast("int32", bx) % cap
@@ -357,16 +343,16 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
             start = split * chunk
             end = T.min(length, start + chunk)
             seq = token_seq[t]
-            for tx in inner(nt):
-                for r in range(_ceil(group * head_dim, nt)):
+            for tx in launch.threads(nt):
+                for r in range(ceildiv(group * head_dim, nt)):
                     if r * nt + tx < group * head_dim:
                         q_sh[(r * nt + tx) // head_dim, (r * nt + tx) % head_dim] = T.Cast(
                             "float32", q[t, g * group + (r * nt + tx) // head_dim, (r * nt + tx) % head_dim])
-                for r in range(_ceil(v_split * group * head_dim, nt)):
+                for r in range(ceildiv(v_split * group * head_dim, nt)):
                     if r * nt + tx < v_split * group * head_dim:
                         acc[(r * nt + tx) // (group * head_dim), (r * nt + tx) // head_dim % group,
                             (r * nt + tx) % head_dim] = T.float32(0)
-            for tx in inner(nt):
+            for tx in launch.threads(nt):
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if tx < group:
@@ -378,7 +364,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                     state[tx, 1] = T.float32(0)
                     state[tx, 3] = qsum[0]
             for it in range((T.max(end - start, 0) + keys - 1) // keys):  # none past the context
-                for tx in inner(nt):  # A
+                for tx in launch.threads(nt):  # A
                     if gpu:
                         T.tvm_storage_sync("shared")
                     codes = T.alloc_buffer((8,), "float32", scope="local")
@@ -399,11 +385,11 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                                 for e in range(8):
                                     dot[0] = dot[0] + q_sh[h, tx % lanes * 8 + e] * codes[e]
                                 part[h, u * by_key + tx // lanes, tx % lanes] = dot[0]
-                for tx in inner(nt):  # B
+                for tx in launch.threads(nt):  # B
                     if gpu:
                         T.tvm_storage_sync("shared")
                     dot = T.alloc_buffer((1,), "float32", scope="local")
-                    for r in range(_ceil(group * keys, nt)):
+                    for r in range(ceildiv(group * keys, nt)):
                         if r * nt + tx < group * keys:
                             if start + it * keys + (r * nt + tx) % keys < end:
                                 dot[0] = T.float32(0)
@@ -414,7 +400,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                                     + pair[(r * nt + tx) % keys, 1] * state[(r * nt + tx) // keys, 3])
                             else:
                                 score[(r * nt + tx) // keys, (r * nt + tx) % keys] = floor
-                for tx in inner(nt):  # C1: new running max per head, and the correction
+                for tx in launch.threads(nt):  # C1: new running max per head, and the correction
                     if gpu:
                         T.tvm_storage_sync("shared")
                     mx = T.alloc_buffer((1,), "float32", scope="local")
@@ -424,14 +410,14 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                             mx[0] = T.max(mx[0], score[tx, k])
                         state[tx, 2] = T.exp2(state[tx, 0] - mx[0])
                         state[tx, 0] = mx[0]
-                for tx in inner(nt):  # C2: p = 2^(score - m), one thread per (head, key)
+                for tx in launch.threads(nt):  # C2: p = 2^(score - m), one thread per (head, key)
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    for r in range(_ceil(group * keys, nt)):
+                    for r in range(ceildiv(group * keys, nt)):
                         if r * nt + tx < group * keys:
                             prob[(r * nt + tx) // keys, (r * nt + tx) % keys] = T.exp2(
                                 score[(r * nt + tx) // keys, (r * nt + tx) % keys] - state[(r * nt + tx) // keys, 0])
-                for tx in inner(nt):  # C3: denominator per head
+                for tx in launch.threads(nt):  # C3: denominator per head
                     if gpu:
                         T.tvm_storage_sync("shared")
                     total = T.alloc_buffer((1,), "float32", scope="local")
@@ -440,17 +426,17 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                         for k in range(keys):
                             total[0] = total[0] + prob[tx, k]
                         state[tx, 1] = state[tx, 1] * state[tx, 2] + total[0]
-                for tx in inner(nt):  # D
+                for tx in launch.threads(nt):  # D
                     if gpu:
                         T.tvm_storage_sync("shared")
                     a = T.alloc_buffer((8,), "float32", scope="local")
                     pv = T.alloc_buffer((2,), "float32", scope="local")  # p * V scale, sum of p * V min
-                    for r in range(_ceil(v_split * group * lanes, nt)):
+                    for r in range(ceildiv(v_split * group * lanes, nt)):
                         if r * nt + tx < v_split * group * lanes:
                             for e in range(8):
                                 a[e] = T.float32(0)
                             pv[1] = T.float32(0)
-                            for kk in range(_ceil(keys, v_split)):
+                            for kk in range(ceildiv(keys, v_split)):
                                 if kk * v_split + (r * nt + tx) // (group * lanes) < keys:
                                     if start + it * keys + kk * v_split + (r * nt + tx) // (group * lanes) < end:
                                         pv[0] = prob[(r * nt + tx) // lanes % group,
@@ -469,11 +455,11 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                                     acc[(r * nt + tx) // (group * lanes), (r * nt + tx) // lanes % group,
                                         (r * nt + tx) % lanes * 8 + e] \
                                     * state[(r * nt + tx) // lanes % group, 2] + a[e] + pv[1]
-            for tx in inner(nt):  # out = acc / denominator
+            for tx in launch.threads(nt):  # out = acc / denominator
                 if gpu:
                     T.tvm_storage_sync("shared")
                 total = T.alloc_buffer((1,), "float32", scope="local")
-                for r in range(_ceil(group * head_dim, nt)):
+                for r in range(ceildiv(group * head_dim, nt)):
                     if r * nt + tx < group * head_dim and start < length:
                         total[0] = T.float32(0)
                         for i in range(v_split):
@@ -501,8 +487,7 @@ def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gp
     PrimFunc (out, workspace, positions [T])."""
     plan = plan or split_plan(num_q_heads, num_kv_heads, head_dim, gpu)
     group = plan.group
-    outer = (lambda n: T.thread_binding(n, thread="blockIdx.x")) if gpu else T.parallel
-    inner = (lambda n: T.thread_binding(n, thread="threadIdx.x")) if gpu else T.serial
+    launch = Launch(gpu)
 
     @T.prim_func(private=True)
     def merge(var_out: T.handle, var_ws: T.handle, var_pos: T.handle):
@@ -512,8 +497,8 @@ def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gp
         ws = T.match_buffer(var_ws, workspace_shape(plan), "float32")
         positions = T.match_buffer(var_pos, (n,), "int32")
         cap = T.meta_var(plan.splits_cap(n))
-        for bx in outer(n * num_q_heads):
-            for d in inner(head_dim):
+        for bx in launch.blocks(n * num_q_heads):
+            for d in launch.threads(head_dim):
                 st = T.alloc_buffer((3,), "float32", scope="local")  # M, denominator, numerator
                 length = positions[bx // num_q_heads] + 1
                 chunk = plan.chunk(length, cap)

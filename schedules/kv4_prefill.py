@@ -32,7 +32,10 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qoq_compiler.formats import ceildiv
+
 from .kv4_attention import LOG2E
+from .reference.ptx import mma_m16n8k16_f16, pack_halves
 
 BM, BK, WARPS = 64, 32, 4
 THREADS = 32 * WARPS
@@ -57,7 +60,7 @@ class PrefillMaps:
         self.k_words = (head_dim + 8) // 2       # u32 per K_sh row (key): D halves + 8 of padding
         self.v_words = (BK + 8) // 2             # u32 per VT_sh row (dim) and per P_sh row
         self.k_iters = BK * head_dim // 8 // THREADS
-        self.v_iters = -(-(BK // 2) * (head_dim // 8) // THREADS)
+        self.v_iters = ceildiv((BK // 2) * (head_dim // 8), THREADS)
 
     # accumulator element c of a lane: local row, column within the 8-wide tile
     @staticmethod
@@ -301,42 +304,11 @@ def kv4_prefill(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: 
     return prefill
 
 
-def _f16_bits(x) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(np.float16).view(np.uint16).astype(np.uint32)
-
-
-def _np_pack(lo, hi) -> np.ndarray:
-    return _f16_bits(lo) | (_f16_bits(hi) << np.uint32(16))
-
-
-def _halves(u32: np.ndarray) -> np.ndarray:
-    """[..., 2] fp32 of the (low, high) fp16 halves of u32 registers."""
-    h = np.stack([u32 & np.uint32(0xFFFF), u32 >> np.uint32(16)], axis=-1).astype(np.uint16)
-    return h.view(np.float16).astype(np.float32)
-
-
-def mma_m16n8k16(acc: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One warp's mma.sync.m16n8k16 f32.f16.f16.f32 from lane registers: acc [32, 4] f32,
-    a [32, 4] u32, b [32, 2] u32 (fragment layouts of ``PrefillMaps``) -> new acc [32, 4]."""
-    g, t = np.arange(32) // 4, np.arange(32) % 4
-    A, B = np.zeros((16, 16)), np.zeros((16, 8))
-    ah, bh = _halves(a), _halves(b)
-    for r in range(4):
-        A[g + r % 2 * 8, r // 2 * 8 + 2 * t] = ah[:, r, 0]
-        A[g + r % 2 * 8, r // 2 * 8 + 2 * t + 1] = ah[:, r, 1]
-    for r in range(2):
-        B[r * 8 + 2 * t, g] = bh[:, r, 0]
-        B[r * 8 + 2 * t + 1, g] = bh[:, r, 1]
-    D = A @ B
-    rows, cols = g[:, None] + np.arange(4)[None, :] // 2 * 8, 2 * t[:, None] + np.arange(4)[None, :] % 2
-    return (D[rows, cols] + acc).astype(np.float32)
-
-
 def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: int, sm_scale: float,
             num_kv_heads: int) -> np.ndarray:
     """NumPy run of every CTA of ``kv4_prefill`` through ``PrefillMaps``: the same shared-memory
-    contents (fp16 pairs packed in u32), fragments gathered per lane and ``mma_m16n8k16`` with
-    the PTX ISA's layouts. Returns out fp16 [T, Hq, D]; rows never written stay NaN."""
+    contents (fp16 pairs packed in u32), fragments gathered per lane and ``mma_m16n8k16_f16`` with
+    the PTX ISA's layouts (``schedules.reference.ptx``). Returns out fp16 [T, Hq, D]; rows never written stay NaN."""
     n, hq, d = q.shape
     group = hq // num_kv_heads
     maps, rows = PrefillMaps(d, group), n * group
@@ -345,7 +317,7 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
     out = np.full(q.shape, np.nan, np.float16)
     lanes = np.arange(32)
     for by in range(num_kv_heads):
-        for bx in range(-(-rows // BM)):
+        for bx in range(ceildiv(rows, BM)):
             r_glob = bx * BM + np.arange(BM)
             valid = r_glob < rows
             tok = np.minimum(r_glob, rows - 1) // group
@@ -362,12 +334,12 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                     for r in range(4):
                         rr = np.minimum(bx * BM + maps.a_row(w, lanes, r), rows - 1)
                         col = kk * 16 + maps.a_word(lanes, r) * 2
-                        qa[w, :, kk, r] = _np_pack(q[rr // group, by * group + rr % group, col],
-                                                   q[rr // group, by * group + rr % group, col + 1])
+                        qa[w, :, kk, r] = pack_halves(q[rr // group, by * group + rr % group, col],
+                                                      q[rr // group, by * group + rr % group, col + 1])
             first, last = token_seq[bx * BM // group], token_seq[(min(bx * BM + BM, rows) - 1) // group]
             for s in range(first, last + 1):
                 keys = max([p + 1 for p, sq in zip(pos, seq) if sq == s], default=0)
-                for kb in range(-(-keys // BK)):
+                for kb in range(ceildiv(keys, BK)):
                     k_sh = np.zeros((BK, maps.k_words), np.uint32)
                     vt_sh = np.zeros((d, maps.v_words), np.uint32)
                     sc = np.zeros((BK, 4), np.float32)
@@ -380,8 +352,8 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                             j, wd = kb * BK + maps.k_key(it, tx), maps.k_word(it, tx)
                             word = words[layer, 0, slot_of(j), by, wd] if j < keys else np.uint32(0)
                             for i in range(4):
-                                k_sh[maps.k_key(it, tx), wd * 4 + i] = _np_pack((word >> 8 * i) & 15,
-                                                                                (word >> (8 * i + 4)) & 15)
+                                k_sh[maps.k_key(it, tx), wd * 4 + i] = pack_halves((word >> 8 * i) & 15,
+                                                                                   (word >> (8 * i + 4)) & 15)
                         for it in range(maps.v_iters):
                             if not maps.v_valid(it, tx):
                                 continue
@@ -389,7 +361,7 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                             w2 = [words[layer, 1, slot_of(kb * BK + 2 * jp + e), by, wd]
                                   if kb * BK + 2 * jp + e < keys else np.uint32(0) for e in (0, 1)]
                             for i in range(8):
-                                vt_sh[wd * 8 + i, jp] = _np_pack((w2[0] >> 4 * i) & 15, (w2[1] >> 4 * i) & 15)
+                                vt_sh[wd * 8 + i, jp] = pack_halves((w2[0] >> 4 * i) & 15, (w2[1] >> 4 * i) & 15)
                         if tx < BK and kb * BK + tx < keys:
                             sc[tx] = [param[layer, i // 2, slot_of(kb * BK + tx), by, i % 2] for i in range(4)]
                     s_sh = np.zeros((BM, BK), np.float32)
@@ -399,7 +371,7 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                             for kk in range(d // 16):
                                 b = np.stack([k_sh[ni * 8 + maps.b_n(lanes), kk * 8 + maps.b_word(lanes, r)]
                                               for r in (0, 1)], axis=1)
-                                acc = mma_m16n8k16(acc, qa[w, :, kk], b)
+                                acc = mma_m16n8k16_f16(acc, qa[w, :, kk], b)
                             for c in range(4):
                                 r, jl = maps.c_row(w, lanes, c), ni * 8 + maps.c_col(lanes, c)
                                 live = (seq[r] == s) & (kb * BK + jl <= pos[r])
@@ -408,7 +380,7 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                     mx = np.maximum(m, s_sh.max(axis=1))
                     p = np.exp2(s_sh - mx[:, None]).astype(np.float32)
                     corr = np.exp2(m - mx).astype(np.float32)
-                    p_sh = _np_pack(p[:, 0::2] * sc[0::2, 2], p[:, 1::2] * sc[1::2, 2])  # [BM, BK/2]
+                    p_sh = pack_halves(p[:, 0::2] * sc[0::2, 2], p[:, 1::2] * sc[1::2, 2])  # [BM, BK/2]
                     l_ = l_ * corr + p.sum(axis=1)
                     lo_ = lo_ * corr + (p * sc[:, 3]).sum(axis=1)
                     m = mx
@@ -421,7 +393,7 @@ def emulate(q, data, param, positions, token_seq, table, layer: int, page_size: 
                             for ni in range(d // 8):
                                 b = np.stack([vt_sh[ni * 8 + maps.b_n(lanes), kk * 8 + maps.b_word(lanes, r)]
                                               for r in (0, 1)], axis=1)
-                                o[w, :, ni] = mma_m16n8k16(o[w, :, ni], pa, b)
+                                o[w, :, ni] = mma_m16n8k16_f16(o[w, :, ni], pa, b)
             for w in range(WARPS):
                 for ni in range(d // 8):
                     for c in range(4):

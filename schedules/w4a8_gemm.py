@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
+from qoq_compiler.formats import ceildiv
 from qoq_compiler.layout import mma_channel_position, mma_index
 
 def bytes_mul_sub(q4, s, z, u32=np.uint32):
@@ -91,7 +92,7 @@ def w4a8_matmul(qx: te.Tensor, sx: te.Tensor, qw: te.Tensor, s1: te.Tensor, *ext
 
 
 def _placeholders(m, k: int, n: int, group: int | None):
-    n32, k32 = -(-n // 32), -(-k // 32)
+    n32, k32 = ceildiv(n, 32), ceildiv(k, 32)
     qx = te.placeholder((m, k), "int8", name="qx")
     sx = te.placeholder((m, 1), "float16", name="sx")
     qw = te.placeholder((n32, k32, 32, 4), "uint32", name="qw")
@@ -99,7 +100,7 @@ def _placeholders(m, k: int, n: int, group: int | None):
     if group is None:
         extra = (te.placeholder((n,), "float16", name="z"), te.placeholder((m, 1), "int32", name="xsum"))
     else:
-        g = -(-k // group)
+        g = ceildiv(k, group)
         extra = (te.placeholder((g, n32 * 32), "int8", name="s2"), te.placeholder((g, n32 * 32), "int8", name="z2"))
     return qx, sx, qw, s1, extra
 

@@ -35,7 +35,10 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from qoq_compiler.formats import ceildiv, round_up
+
 from .intrin import fast_tvmscript
+from .reference.ptx import ldmatrix_x4, mma_m16n8k32_s8
 from .w4a8_gemm import bytes_mul_sub, u32_const
 
 
@@ -67,7 +70,7 @@ DEFAULT_TILES = (
 
 def fit_tile(cfg: TileConfig, n: int, k: int) -> TileConfig:
     """Shrink ``cfg`` until bn divides pad32(n) and bk divides k (both stay multiples of 32)."""
-    n32 = -(-n // 32) * 32
+    n32 = round_up(n, 32)
     while n32 % cfg.bn:
         cfg = replace(cfg, bn=cfg.bn // 2, warps_n=max(1, cfg.warps_n // 2))
     while k % cfg.bk:
@@ -91,9 +94,9 @@ class TileMaps:
         self.mi_n, self.ni_n, self.ki_n = self.tm // 16, self.tn // 32, cfg.bk // 32
         self.cpr = cfg.bk // 16                                    # 16-byte chunks per A row
         self.rows_per_swizzle = max(1, 8 // self.cpr)              # rows sharing one XOR pattern
-        self.a_iters = -(-cfg.bm * self.cpr // self.threads)
-        self.b_iters = -(-cfg.bn * cfg.bk // 32 // self.threads)
-        self.k_tiles, self.n_tiles = k // cfg.bk, -(-n // 32) * 32 // cfg.bn
+        self.a_iters = ceildiv(cfg.bm * self.cpr, self.threads)
+        self.b_iters = ceildiv(cfg.bn * cfg.bk // 32, self.threads)
+        self.k_tiles, self.n_tiles = k // cfg.bk, round_up(n, 32) // cfg.bn
 
     # global -> shared copies (16 bytes per thread and iteration)
     def a_copy_valid(self, it, tx):
@@ -277,8 +280,8 @@ def tensor_core_gemm(n: int, k: int, group: int | None, tiles=DEFAULT_TILES) -> 
     if not supports_tensor_cores(n, k, group):
         raise ValueError(f"the W4A8 tensor-core GEMM needs K % 32 == 0 and a group size that is a multiple "
                          f"of 32 (K={k}, group={group})")
-    n32, k32 = -(-n // 32), k // 32
-    g = -(-k // group) if group else 1
+    n32, k32 = ceildiv(n, 32), k // 32
+    g = ceildiv(k, group) if group else 1
     (small_m, small_maps), (medium_m, medium_maps), (_, large_maps) = tile_maps(n, k, group, tiles)
     if group is None:  # (z [N] fp16, xsum [M, 1] int32), read as they are
         extra = [(lambda m: (n,), "float16", lambda m: (n,), "float16"),
@@ -322,11 +325,8 @@ def build(n: int, k: int, group: int | None, arch: str = "sm_90", tiles=DEFAULT_
 
 def emulate(maps: TileMaps, qx, sx, qw, s1, *extra) -> tuple[np.ndarray, np.ndarray]:
     """NumPy run of one launch of the kernel: every thread's copies, ldmatrix.x4, B unpacking, mma
-    and epilogue through ``maps`` (instruction semantics from the PTX ISA: ldmatrix gives lane t
-    bytes 4(t % 4)..+3 of row t // 4 of matrix i in register i, matrix i's rows addressed by lanes
-    8i..8i+7; m16n8k32 s8 A registers (row g, k 4t..), (g + 8, 4t..), (g, 16 + 4t..), (g + 8, 16 + 4t..),
-    B registers (k 4t.., col g), (16 + 4t.., col g), accumulators (g, 2t), (g, 2t + 1), (g + 8, 2t),
-    (g + 8, 2t + 1), for lane 4g + t). Returns (psum int32, y fp16) with y NaN where nothing was
+    and epilogue through ``maps``, the instructions emulated by lane registers
+    (``schedules.reference.ptx``). Returns (psum int32, y fp16) with y NaN where nothing was
     written. Shared memory starts as random bytes, so a read of an unwritten element shows."""
     cfg, m = maps.cfg, qx.shape[0]
     rng = np.random.default_rng(0)
@@ -338,7 +338,7 @@ def emulate(maps: TileMaps, qx, sx, qw, s1, *extra) -> tuple[np.ndarray, np.ndar
     y = np.full((m, maps.n), np.nan, np.float16)
     psum = np.zeros((m, maps.n), np.int64)
     for bx in range(maps.n_tiles):
-        for by in range(-(-m // cfg.bm)):
+        for by in range(ceildiv(m, cfg.bm)):
             acc = np.zeros((maps.threads, maps.mi_n * maps.ni_n * 16), np.int64)
             a_sh = rng.integers(-128, 128, size=(cfg.stages, cfg.bm, cfg.bk)).astype(np.int8)
             b_sh = rng.integers(0, 2 ** 32, size=(cfg.stages, cfg.bn // 32, maps.ki_n, 32, 4)).astype(np.uint32)
@@ -365,10 +365,7 @@ def emulate(maps: TileMaps, qx, sx, qw, s1, *extra) -> tuple[np.ndarray, np.ndar
                         for mi in range(maps.mi_n):
                             rows = maps.frag_row(wm, mi, lanes)
                             cols = maps.a_col(rows, maps.frag_chunk(ki, lanes))
-                            mats = np.stack([a_sh[stage, r, c:c + 16] for r, c in zip(rows, cols)])  # by lane
-                            a_regs.append(np.stack([
-                                np.stack([mats[8 * i + lane // 4, 4 * (lane % 4):4 * (lane % 4) + 4] for i in range(4)])
-                                for lane in lanes]))
+                            a_regs.append(ldmatrix_x4(np.stack([a_sh[stage, r, c:c + 16] for r, c in zip(rows, cols)])))
                         for ni in range(maps.ni_n):
                             words = b_sh[stage, maps.b_tile(wn, ni), ki].T            # [4 words, 32 lanes]
                             if per_group:
@@ -378,27 +375,12 @@ def emulate(maps: TileMaps, qx, sx, qw, s1, *extra) -> tuple[np.ndarray, np.ndar
                                         for j in range(4)]
                             else:
                                 regs = [[b_register(words, j // 2, j % 2, p) for p in (0, 1)] for j in range(4)]
-                            for mi in range(maps.mi_n):
-                                for j in range(4):
-                                    a_mat = np.zeros((16, 32), np.int64)
-                                    b_mat = np.zeros((32, 8), np.int64)
-                                    for lane in lanes:
-                                        gq, tq = lane // 4, lane % 4
-                                        r = a_regs[mi][lane].astype(np.int64)
-                                        a_mat[gq, 4 * tq:4 * tq + 4] = r[0]
-                                        a_mat[gq + 8, 4 * tq:4 * tq + 4] = r[1]
-                                        a_mat[gq, 16 + 4 * tq:20 + 4 * tq] = r[2]
-                                        a_mat[gq + 8, 16 + 4 * tq:20 + 4 * tq] = r[3]
-                                        for p in (0, 1):
-                                            bytes4 = np.array([regs[j][p][lane]], np.uint32).view(np.int8)
-                                            b_mat[16 * p + 4 * tq:16 * p + 4 * tq + 4, gq] = bytes4
-                                    d = a_mat @ b_mat
-                                    for lane in lanes:
-                                        gq, tq = lane // 4, lane % 4
-                                        th = warp * 32 + lane
-                                        for c, (rr, cc) in enumerate(((gq, 2 * tq), (gq, 2 * tq + 1),
-                                                                      (gq + 8, 2 * tq), (gq + 8, 2 * tq + 1))):
-                                            acc[th, maps.acc(mi, ni, j, c)] += d[rr, cc]
+                            for j in range(4):
+                                b = np.stack(regs[j], axis=1).astype(np.uint32).view(np.int8).reshape(32, 2, 4)
+                                for mi in range(maps.mi_n):
+                                    d = mma_m16n8k32_s8(np.zeros((32, 4), np.int64), a_regs[mi], b)
+                                    for c in range(4):
+                                        acc[warp * 32 + lanes, maps.acc(mi, ni, j, c)] += d[:, c]
             for th in tx:
                 wm, wn, lane = th // 32 // cfg.warps_n, th // 32 % cfg.warps_n, th % 32
                 for mi in range(maps.mi_n):

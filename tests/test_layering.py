@@ -15,6 +15,9 @@ PKG = ROOT / "qoq_compiler"
 #: module group -> qoqc groups (and third-party roots) it must not import
 FORBIDDEN = {
     "config": {"frontend", "compiler", "runtime", "schedules", "torch", "transformers"},
+    # the number formats: constants and integer helpers, importable by everything, importing nothing
+    "formats": {"frontend", "compiler", "runtime", "schedules", "quant", "passes", "config", "layout", "errors",
+                "numpy", "torch", "tvm", "tvm_ffi"},
     "layout": {"frontend", "compiler", "runtime", "schedules", "quant", "config", "torch", "tvm"},
     "errors": {"frontend", "compiler", "runtime", "schedules", "config"},
     "frontend": {"compiler", "runtime", "schedules", "quant", "passes"},
@@ -22,7 +25,7 @@ FORBIDDEN = {
     "passes": {"compiler", "runtime", "schedules", "quant"},  # kernels are handed in by the compiler
     "runtime": {"frontend", "compiler", "schedules", "passes", "quant", "torch"},  # (tvm itself may import torch)
     "schedules": {"qoq_compiler.frontend", "qoq_compiler.quant", "qoq_compiler.compiler", "qoq_compiler.runtime",
-                  "qoq_compiler.cli"},  # kernels see only the leaves (layout, errors, tvm_env)
+                  "qoq_compiler.cli"},  # kernels see only the leaves (formats, layout, errors, tvm_env)
     # the kernels' NumPy references also read the number formats they implement (quant.reference), never TVM
     "schedules.reference": {"qoq_compiler.frontend", "qoq_compiler.compiler", "qoq_compiler.runtime",
                             "qoq_compiler.cli", "tvm", "tvm_ffi", "torch"},

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..formats import ceildiv
 from ..layout import pack_uint4_mma, to_mma_channel_order
 
 
@@ -36,8 +37,8 @@ def to_kernel_layout(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def mma_shapes(n: int, k: int, group: int | None) -> dict[str, tuple[int, ...]]:
     """Declared shapes of the reordered parameters (suffix -> shape)."""
-    n32, k32 = -(-n // 32), -(-k // 32)
+    n32, k32 = ceildiv(n, 32), ceildiv(k, 32)
     shapes = {"weight": (n32, k32, 32, 4)}
     if group is not None:
-        shapes["weight_group_scale"] = shapes["weight_group_zero"] = (-(-k // group), n32 * 32)
+        shapes["weight_group_scale"] = shapes["weight_group_zero"] = (ceildiv(k, group), n32 * 32)
     return shapes

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import QoqcError
-from .reference import PROTECTIVE_RANGE, ChannelWeight, ProgressiveWeight, per_channel_quantize, progressive_quantize
+from ..formats import PROTECTIVE_RANGE, UINT4_MAX
+from .reference import ChannelWeight, ProgressiveWeight, per_channel_quantize, progressive_quantize
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def gptq_progressive(w: torch.Tensor, h: torch.Tensor, group: int = 128, block: 
     def quantize_column(values, k):
         g = k // group
         w1 = torch.clamp(values / s1, -protect, protect)
-        q = torch.clamp(torch.round((w1 + z2[:, g]) / s2[:, g]), 0, 15)
+        q = torch.clamp(torch.round((w1 + z2[:, g]) / s2[:, g]), 0, UINT4_MAX)
         return q.to(torch.uint8), (q * s2[:, g] - z2[:, g]) * s1
 
     codes = _gptq(w, h, quantize_column, block, damp)
@@ -107,7 +108,7 @@ def gptq_per_channel(w: torch.Tensor, h: torch.Tensor, ratio: np.ndarray | float
     z = torch.from_numpy(static.z.astype(np.float64))
 
     def quantize_column(values, _k):
-        q = torch.clamp(torch.round((values + z) / s), 0, 15)
+        q = torch.clamp(torch.round((values + z) / s), 0, UINT4_MAX)
         return q.to(torch.uint8), q * s - z
 
     return ChannelWeight(_gptq(w, h, quantize_column, block, damp), static.s, static.z)

@@ -39,14 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROTECTIVE_RANGE = 119
-RANGE_FLOOR = 1e-4
+from ..formats import INT8_MAX, PROTECTIVE_RANGE, RANGE_FLOOR, UINT4_MAX, ceildiv
 
 
 def _groups(w: np.ndarray, group: int) -> np.ndarray:
     """[N, K] -> [N, ceil(K/g), g], the ragged tail padded with NaN (ignored by nan-reductions)."""
     n, k = w.shape
-    ng = -(-k // group)
+    ng = ceildiv(k, group)
     out = np.full((n, ng * group), np.nan, dtype=np.float64)
     out[:, :k] = w
     return out.reshape(n, ng, group)
@@ -85,7 +84,7 @@ def _group_error(importance: np.ndarray | None, k: int, group: int):
     if imp.ndim == 1:
         diag = np.nan_to_num(_groups(np.maximum(imp, 0)[None, :], group)[0], nan=0.0)  # [G, g]
         return lambda e: np.nansum(diag[None] * e ** 2, axis=2)
-    ng = -(-k // group)
+    ng = ceildiv(k, group)
     blocks = np.zeros((ng, group, group))
     for j in range(ng):
         b = imp[j * group:(j + 1) * group, j * group:(j + 1) * group]
@@ -123,13 +122,13 @@ def progressive_quantize(w: np.ndarray, group: int = 128, protect: int = PROTECT
     best = None
     for ratio, rounding in candidates:
         lo, hi = vmin * ratio, vmax * ratio
-        s2 = np.clip(rounding((hi - lo) / 15), 1, 16)
+        s2 = np.clip(rounding((hi - lo) / UINT4_MAX), 1, UINT4_MAX + 1)
         z2 = np.round(-lo)
-        q = np.clip(np.round((g + z2[..., None]) / s2[..., None]), 0, 15)
+        q = np.clip(np.round((g + z2[..., None]) / s2[..., None]), 0, UINT4_MAX)
         if not search:
             best = (s2, z2, q)
             break
-        valid = (15 * s2 - z2 <= 127) & (z2 <= 127) & (z2 >= -128)
+        valid = (UINT4_MAX * s2 - z2 <= INT8_MAX) & (z2 <= INT8_MAX) & (z2 >= -INT8_MAX - 1)
         err = group_error(g - (q * s2[..., None] - z2[..., None]))
         err = np.where(valid, err, np.inf)
         if best is None:
@@ -170,17 +169,17 @@ def per_channel_quantize(w: np.ndarray, ratio: np.ndarray | float = 1.0) -> Chan
     w = np.asarray(w, dtype=np.float64)
     r = np.broadcast_to(np.asarray(ratio, dtype=np.float64), (w.shape[0],))
     vmin, vmax = w.min(axis=1) * r, w.max(axis=1) * r
-    s = (np.maximum(vmax - vmin, RANGE_FLOOR) / 15).astype(np.float16)
+    s = (np.maximum(vmax - vmin, RANGE_FLOOR) / UINT4_MAX).astype(np.float16)
     z = (-vmin).astype(np.float16)
-    q = np.clip(np.round((w + z.astype(np.float64)[:, None]) / s.astype(np.float64)[:, None]), 0, 15)
+    q = np.clip(np.round((w + z.astype(np.float64)[:, None]) / s.astype(np.float64)[:, None]), 0, UINT4_MAX)
     return ChannelWeight(q.astype(np.uint8), s, z)
 
 
 def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [..., K] -> (int8 [..., K], fp16 scale [..., 1]), symmetric, per row."""
     x = np.asarray(x, dtype=np.float64)
-    s = (np.maximum(np.abs(x).max(axis=-1, keepdims=True), RANGE_FLOOR) / 127).astype(np.float16)
-    q = np.clip(np.round(x / s.astype(np.float64)), -127, 127)
+    s = (np.maximum(np.abs(x).max(axis=-1, keepdims=True), RANGE_FLOOR) / INT8_MAX).astype(np.float16)
+    q = np.clip(np.round(x / s.astype(np.float64)), -INT8_MAX, INT8_MAX)
     return q.astype(np.int8), s
 
 
@@ -188,8 +187,8 @@ def kv4_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [T, H, D] -> (uint8 codes 0..15 [T, H, D], fp16 scale [T, H], fp16 min [T, H])."""
     x = np.asarray(x, dtype=np.float64)
     lo = x.min(axis=-1).astype(np.float16)
-    s = (np.maximum(x.max(axis=-1) - lo.astype(np.float64), RANGE_FLOOR) / 15).astype(np.float16)
-    q = np.clip(np.round((x - lo.astype(np.float64)[..., None]) / s.astype(np.float64)[..., None]), 0, 15)
+    s = (np.maximum(x.max(axis=-1) - lo.astype(np.float64), RANGE_FLOOR) / UINT4_MAX).astype(np.float16)
+    q = np.clip(np.round((x - lo.astype(np.float64)[..., None]) / s.astype(np.float64)[..., None]), 0, UINT4_MAX)
     return q.astype(np.uint8), s, lo
 
 

@@ -18,24 +18,24 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantScheme
+from ..formats import INT8_MAX, RANGE_FLOOR, UINT4_MAX
 from .convert import QuantizedWeight
 from .linears import linear_names, set_fused_weights
-from .reference import RANGE_FLOOR
 
 ATTENTION = "qoqc_kv4"
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
-    s = (x.float().abs().amax(dim=-1, keepdim=True).clamp(min=RANGE_FLOOR) / 127).half().float()
-    return (torch.clamp(torch.round(x.float() / s), -127, 127) * s).to(x.dtype)
+    s = (x.float().abs().amax(dim=-1, keepdim=True).clamp(min=RANGE_FLOOR) / INT8_MAX).half().float()
+    return (torch.clamp(torch.round(x.float() / s), -INT8_MAX, INT8_MAX) * s).to(x.dtype)
 
 
 def fake_quantize_kv4(x: torch.Tensor) -> torch.Tensor:
     """x [..., D]: UINT4 per row with fp16 scale and fp16 minimum, dequantized."""
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).half().float()
-    s = ((xf.amax(dim=-1, keepdim=True) - lo).clamp(min=RANGE_FLOOR) / 15).half().float()
-    return (torch.clamp(torch.round((xf - lo) / s), 0, 15) * s + lo).to(x.dtype)
+    s = ((xf.amax(dim=-1, keepdim=True) - lo).clamp(min=RANGE_FLOOR) / UINT4_MAX).half().float()
+    return (torch.clamp(torch.round((xf - lo) / s), 0, UINT4_MAX) * s + lo).to(x.dtype)
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qoq_compiler.formats import INT8_MAX, RANGE_FLOOR
+
 KINDS = ("quantize", "rmsnorm", "add_rmsnorm", "silu_mul")
-RANGE_FLOOR = 1e-4  # as quant.reference: a zero row keeps a positive scale
 
 
 def reference(kind: str, *inputs: np.ndarray, dtype: str = "float32", eps: float = 1e-6):
@@ -25,8 +26,8 @@ def reference(kind: str, *inputs: np.ndarray, dtype: str = "float32", eps: float
         x, w = (rnd(f[0] + f[1]), f[2]) if kind == "add_rmsnorm" else (f[0], f[1])
         out = (x.astype(dtype),) if kind == "add_rmsnorm" else ()
         v = rnd(x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w)
-    sx = (np.maximum(np.abs(v).max(axis=-1, keepdims=True), RANGE_FLOOR) / 127).astype(np.float16)
-    qx = np.clip(np.round(v / sx.astype(np.float64)), -127, 127).astype(np.int8)
+    sx = (np.maximum(np.abs(v).max(axis=-1, keepdims=True), RANGE_FLOOR) / INT8_MAX).astype(np.float16)
+    qx = np.clip(np.round(v / sx.astype(np.float64)), -INT8_MAX, INT8_MAX).astype(np.int8)
     return (*out, qx, sx, qx.astype(np.int32).sum(axis=-1, keepdims=True, dtype=np.int32))
 
 

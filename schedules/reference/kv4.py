@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qoq_compiler.formats import ceildiv
 from qoq_compiler.quant.reference import kv4_quantize
 
 
@@ -54,11 +55,11 @@ def attention(q: np.ndarray, k_hist: list[np.ndarray], v_hist: list[np.ndarray],
 def page_table(lengths: list[int], page: int, spare: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(page table [B, max pages], pages in the pool): every sequence's pages drawn from a shuffled
     pool with ``spare`` pages nobody owns, so a kernel that ignores the table reads wrong data."""
-    pages = sum(-(-n // page) for n in lengths) + spare
+    pages = sum(ceildiv(n, page) for n in lengths) + spare
     free = list(rng.permutation(pages))
-    table = np.zeros((len(lengths), max(-(-n // page) for n in lengths)), "int32")
+    table = np.zeros((len(lengths), max(ceildiv(n, page) for n in lengths)), "int32")
     for b, n in enumerate(lengths):
-        for i in range(-(-n // page)):
+        for i in range(ceildiv(n, page)):
             table[b, i] = free.pop()
     return table, pages
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qoq_compiler.formats import ceildiv
 from qoq_compiler.layout import mma_channel_position, pack_uint4_mma, to_mma_channel_order, unpack_uint4_mma
 
 
@@ -38,7 +39,7 @@ def random_weights(n: int, k: int, group: int | None, rng: np.random.Generator) 
     s1 = rng.uniform(0.0005, 0.005, size=n).astype(np.float16)
     if group is None:
         return qw, s1, rng.uniform(0, 0.05, size=n).astype(np.float16)
-    s2 = rng.integers(1, 17, size=(n, -(-k // group)))
+    s2 = rng.integers(1, 17, size=(n, ceildiv(k, group)))
     z2 = rng.integers(np.maximum(15 * s2 - 127, -128), 128)
     return (qw, s1, *(np.ascontiguousarray(to_mma_channel_order(a.astype(np.int8)).T) for a in (s2, z2)))
 
