@@ -21,7 +21,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qoq_compiler.config import QUANT_SCHEMES  # noqa: E402
+from qoq_compiler.formats import RANGE_FLOOR, UINT4_MAX  # noqa: E402
 from qoq_compiler.frontend.checkpoint import default_model_path, load_torch_model, open_checkpoint  # noqa: E402
+from qoq_compiler.quant.convert import quantize_weight  # noqa: E402
+from qoq_compiler.quant.gptq import gptq_codes  # noqa: E402
 from qoq_compiler.quant.kv_choice import choose_kv_rotation  # noqa: E402
 from qoq_compiler.quant.qoq import quantize_model  # noqa: E402
 from qoq_compiler.quant.simulate import simulate  # noqa: E402
@@ -47,6 +50,41 @@ SEQ_LEN = 2048
 def _g128(**passes):
     s = QUANT_SCHEMES["qoq-w4a8kv4-g128"]
     return replace(s, passes=replace(s.passes, **passes))
+
+
+@dataclass
+class GridWeight:
+    """Dequantized values of a weight on an unconstrained grid (a reference point, no kernel reads it)."""
+
+    w: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        return self.w
+
+
+def textbook_quantizer(group: int):
+    """``quantize_weight`` for 4-bit codes on a textbook asymmetric grid: an fp16 scale and minimum per
+    group of ``group`` inputs (GGUF's Q4_1 at 32), min/max ranges, codes by GPTQ. Finer than the
+    progressive format (an integer level-2 scale and zero in units of s1) that the W4A8 GEMM reads:
+    it measures what that format and the group size cost on a model."""
+
+    def quantize(scheme, w: torch.Tensor, h: torch.Tensor | None = None, **_):
+        wd = w.double()
+        cols = torch.arange(wd.shape[1]) // group
+        groups = [wd[:, j * group:(j + 1) * group] for j in range(int(cols[-1]) + 1)]
+        lo = torch.stack([g.amin(1) for g in groups], 1).half().double()
+        hi = torch.stack([g.amax(1) for g in groups], 1)
+        s = ((hi - lo).clamp(min=RANGE_FLOOR) / UINT4_MAX).half().double()
+
+        def column(values, k):
+            j = int(cols[k])
+            q = torch.clamp(torch.round((values - lo[:, j]) / s[:, j]), 0, UINT4_MAX)
+            return q.to(torch.uint8), q * s[:, j] + lo[:, j]
+
+        codes = torch.from_numpy(gptq_codes(w, h, column)).double()
+        return GridWeight((codes * s[:, cols] + lo[:, cols]).numpy())
+
+    return quantize
 
 
 #: row key -> (label, scheme (None: the float model), quantize activations)
@@ -85,7 +123,14 @@ ROWS = {
     # SmolLM2's GGUF weights already sit on a 4-bit g32 grid: RTN on that grid shows what the g128 grid costs
     "rtn-g32-w4": ("RTN g32 weights only (W4A16, float KV)",
                    replace(QUANT_SCHEMES["rtn-w4a8kv4"], group=32, kv="float"), False),
+    # what the progressive format costs: g128-w4's recipe with GPTQ onto a textbook grid (``QUANTIZERS``)
+    "textbook-g128-w4": ("weights only, textbook g128 grid (fp16 scale and minimum; no kernel reads it)",
+                         replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"), False),
+    "textbook-g32-w4": ("weights only, textbook g32 grid (fp16 scale and minimum; no kernel reads it)",
+                        replace(QUANT_SCHEMES["qoq-w4a8kv4-g128"], kv="float"), False),
 }
+#: rows whose weights another quantizer than their scheme's produces
+QUANTIZERS = {"textbook-g128-w4": textbook_quantizer(128), "textbook-g32-w4": textbook_quantizer(32)}
 DEFAULT_ROWS = ("fp16,w8a8,rtn,qoq-g128,qoq-chn,kv-rotated,no-kv-rotation,smooth-attn,no-smooth-down,no-rotation,"
                 "no-gptq,no-grid-search,g128-w4,g128-w4a8,kv4,kv4-no-rot")
 
@@ -137,7 +182,8 @@ def main() -> int:
             # take the choice their scheme makes with a 4-bit cache
             chosen, _ = choose_kv_rotation(model, tokenizer, replace(scheme, kv="int4") if scheme.passes else scheme)
             scheme = replace(chosen, kv=scheme.kv)
-            weights = quantize_model(model, tokenizer, scheme) if scheme.weights != "float" else None
+            weights = quantize_model(model, tokenizer, scheme, quantize=QUANTIZERS.get(key, quantize_weight)) \
+                if scheme.weights != "float" else None
             simulate(model, scheme, weights, activations=activations)
         t1 = time.perf_counter()
         ppl = {name: perplexity(model, wins, f"{key} {name}") for name, wins in texts.items()}

@@ -43,6 +43,7 @@ from tvm.script import tirx as T
 from qoq_compiler.formats import RANGE_FLOOR, UINT4_MAX, ceildiv
 
 from .toolkit import Launch
+
 LOG2E = 1.4426950408889634
 
 

@@ -40,8 +40,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise QoqcError("GPTQ: the Hessian stays singular after 250 damping tries")
 
 
-def _gptq(w: torch.Tensor, h: torch.Tensor, quantize_column, block: int, damp: float) -> np.ndarray:
-    """Run GPTQ; ``quantize_column(values [N], k) -> (codes [N], dequantized [N])``; returns codes [N, K]."""
+def gptq_codes(w: torch.Tensor, h: torch.Tensor, quantize_column, block: int = 128, damp: float = 0.01) -> np.ndarray:
+    """Run GPTQ; ``quantize_column(values [N], k) -> (codes [N], dequantized [N])`` is the static
+    quantizer of input column k; returns codes [N, K]."""
     w = w.double().clone()
     h = h.double().clone()
     dead = torch.diag(h) == 0
@@ -96,7 +97,7 @@ def gptq_progressive(w: torch.Tensor, h: torch.Tensor, group: int = 128, block: 
         q = torch.clamp(torch.round((w1 + z2[:, g]) / s2[:, g]), 0, UINT4_MAX)
         return q.to(torch.uint8), (q * s2[:, g] - z2[:, g]) * s1
 
-    codes = _gptq(w, h, quantize_column, block, damp)
+    codes = gptq_codes(w, h, quantize_column, block, damp)
     return ProgressiveWeight(codes, static.s1, static.s2, static.z2, group)
 
 
@@ -111,4 +112,4 @@ def gptq_per_channel(w: torch.Tensor, h: torch.Tensor, ratio: np.ndarray | float
         q = torch.clamp(torch.round((values + z) / s), 0, UINT4_MAX)
         return q.to(torch.uint8), q * s - z
 
-    return ChannelWeight(_gptq(w, h, quantize_column, block, damp), static.s, static.z)
+    return ChannelWeight(gptq_codes(w, h, quantize_column, block, damp), static.s, static.z)

@@ -24,6 +24,8 @@ anyway in the g128 recipe, and per-channel clipping of them is a small share of 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
 
@@ -39,17 +41,19 @@ from .smooth import attention_scales, linear_scales, search_linear_scales, smoot
 
 
 @torch.no_grad()
-def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, progress: bool = True
-                   ) -> dict[str, QuantizedWeight]:
+def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, progress: bool = True,
+                   quantize: Callable[..., QuantizedWeight] = quantize_weight) -> dict[str, QuantizedWeight]:
     """Run ``scheme.passes`` on ``model`` (changed in place) and quantize its decoder linears.
 
     Returns the quantized weights by qoqc parameter name; the model keeps the transformed float
-    weights (embedding, norms, lm_head and biases are read from it afterwards).
+    weights (embedding, norms, lm_head and biases are read from it afterwards). ``quantize`` has
+    ``convert.quantize_weight``'s signature (``bench/accuracy.py`` substitutes an unconstrained 4-bit
+    grid to measure what the format costs).
     """
     passes = scheme.passes
     n_layers = len(model.model.layers)
     if passes is None:
-        return {name: quantize_weight(scheme, fused_weight(model, name))
+        return {name: quantize(scheme, fused_weight(model, name))
                 for i in range(n_layers) for name in linear_names(i).values()}
     if tokenizer is None:
         raise QoqcError(f"scheme {scheme.name} calibrates on text, but the model has no tokenizer "
@@ -95,8 +99,8 @@ def quantize_model(model, tokenizer, scheme: QuantScheme, batch_size: int = 8, p
                 hs["down"] = hs["down"] / (s[:, None] * s[None, :])
         for key, name in linear_names(i).items():
             bar.set_postfix_str(("GPTQ " if passes.gptq else "round ") + key)
-            out[name] = quantize_weight(scheme, fused_weight(model, name), hs.get(key), clip=passes.clip,
-                                        gptq=passes.gptq, search=passes.grid_search)
+            out[name] = quantize(scheme, fused_weight(model, name), hs.get(key), clip=passes.clip, gptq=passes.gptq,
+                                 search=passes.grid_search)
         if passes.sequential:
             set_fused_weights(model, {name: out[name] for name in linear_names(i).values()})
         bar.update()
