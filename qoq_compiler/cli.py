@@ -32,8 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", default=DEFAULT_SCHEME,
                    help=f"quantization scheme: {', '.join(QUANT_SCHEMES)} (default: {DEFAULT_SCHEME})")
     c.add_argument("-o", "--output", default=None, help="artifact directory (default: dist/NAME-QUANT-TARGET)")
-    c.add_argument("--dump-ir", action="store_true", help="write the Relax IR before/after the pipeline to OUT/ir/")
+    c.add_argument("--dump-ir", action="store_true", help="write the IR after each phase to OUT/ir/NN-PHASE.py")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--verbose", action="store_true", help="print the kernel chosen for each QoQ op")
+    c.add_argument("--allow-portable-kernels", action="store_true",
+                   help="cuda: run W4A8 linears of shapes the tensor-core GEMM does not take on the portable "
+                        "kernel (an order of magnitude slower) instead of failing")
     c.add_argument("--kv-page-size", type=int, default=None,
                    help="tokens per page of the 4-bit KV cache (*-w4a8kv4 schemes; default 16)")
     _pass_options(c)
@@ -256,7 +260,8 @@ def _run(args) -> int:
 
             out = compile_model(args.model, target=args.target, quant=_scheme(args), output=args.output,
                                 arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet,
-                                kv_page_size=args.kv_page_size)
+                                kv_page_size=args.kv_page_size, verbose=args.verbose,
+                                allow_portable_kernels=args.allow_portable_kernels)
             print(out)
         elif args.command == "eval":
             _evaluate(args)

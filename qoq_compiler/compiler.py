@@ -1,14 +1,17 @@
 """``qoqc compile``: Hugging Face checkpoint -> Relax IR -> compiled module + weights -> artifact.
 
-The only module that imports every stage. The Relax pipeline is one ordered list of phases:
+The only module that imports every stage. The model is exported as Relax IR that names no target
+(its QoQ ops are tagged definitions, ``schedules.registry.OPS``); then one ordered list of phases:
 
     1. graph       Relax-level rewrites on the operator graph (X @ W^T without a transposed copy)
-    2. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
-    3. schedule    TensorIR schedule rules for the target (``schedules.pipeline.default_rules``)
-    4. vm          memory planning and lowering to the Relax VM
+    2. dispatch    each QoQ op replaced by the target's kernel (``passes.dispatch_kernels``)
+    3. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
+    4. schedule    TensorIR schedule rules for the target (``schedules.pipeline.default_rules``)
+    5. vm          memory planning and lowering to the Relax VM
 
-``--dump-ir`` writes the Relax IR as exported and after the pipeline into ``OUT/ir/`` (and, for
-CUDA, the generated kernels as ``kernels.cu``).
+``--dump-ir`` writes the IR after each step into ``OUT/ir/``: ``01-graph.py`` (the float model,
+graph phase applied), ``02-quantize.py`` (the quantized model: the pipeline's input, graph phase
+applied), ``03-dispatch.py`` ... ``06-vm.py``, and for CUDA the generated kernels as ``kernels.cu``.
 
 A CUDA artifact holds its kernels as device code compiled ahead of time (a fatbin with SASS for
 every ``--arch`` and PTX of the newest, ``schedules.nvcc``), so loading it compiles nothing and
@@ -32,6 +35,7 @@ from .frontend.checkpoint import default_model_path, from_torch_model, load_torc
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
 from .frontend.synthetic import open_config
+from .passes.dispatch_kernels import dispatch_kernels
 from .passes.quantize_linears import QuantizeLinears
 from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
@@ -44,7 +48,7 @@ from .tvm_env import tvm
 import tvm_ffi  # noqa: E402  (after tvm_env's version check)
 from tvm import relax  # noqa: E402
 
-from schedules import nvcc, pipeline  # noqa: E402
+from schedules import nvcc, pipeline, registry  # noqa: E402
 
 TARGETS = ("llvm", "cuda")
 #: GPU archs a CUDA artifact may carry device code for (mma.sync s8 m16n8k32 and cp.async need sm_80)
@@ -98,11 +102,17 @@ def _host_features(host) -> dict:
             "cpu_features": sorted(CPU_FEATURES[f] for f in features if f in CPU_FEATURES)}
 
 
-def pipeline_phases(target) -> list[tuple[str, "tvm.transform.Pass"]]:
+#: the IR dumps of ``--dump-ir``, in pipeline order
+IR_DUMPS = ("graph", "quantize", "dispatch", "lower", "schedule", "vm")
+
+
+def pipeline_phases(target, allow_portable: bool = False, log=None) -> list[tuple[str, "tvm.transform.Pass"]]:
+    """(name, pass) of each phase for ``target``; ``allow_portable`` and ``log``: ``dispatch_kernels``'."""
     t = relax.transform
     seq = tvm.transform.Sequential
     return [
         ("graph", seq([t.FuseTransposeMatmul()])),
+        ("dispatch", dispatch_kernels(target, registry.REGISTRY, allow_portable, log)),
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
         ("schedule", pipeline.schedule(target)),
@@ -121,14 +131,17 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
 
 def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = DEFAULT_SCHEME,
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
-            progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False) -> Path:
+            progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False,
+            verbose: bool = False, allow_portable_kernels: bool = False) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
     an artifact directory and return its path. ``quant`` names a scheme of ``QUANT_SCHEMES`` or is a
     ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly).
     ``kv_page_size``: tokens per page of qoqc's 4-bit KV cache (default 16; the float schemes use
     TVM's cache, whose kernels need 16). ``random_weights``: ``model`` is a config.json (or a
     directory holding one) and no weight is written: the artifact records each parameter's shape
-    and dtype and the runtime draws them at load (for benchmarks: speed does not depend on them)."""
+    and dtype and the runtime draws them at load (for benchmarks: speed does not depend on them).
+    ``verbose``: print each kernel choice; ``allow_portable_kernels``: let a CUDA W4A8 linear of a
+    shape the tensor-core GEMM does not take run on the portable kernel instead of failing."""
     if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
     scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
@@ -181,17 +194,18 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
             weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
             ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
             cfg = ckpt.config  # rotation unties lm_head
-        kernels = pipeline.kernels_for(tgt)
         if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, kernels, page_size, scheme.kv_rotation)
+            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, registry.OPS, page_size, scheme.kv_rotation)
         else:
-            model = LlamaForCausalLM(cfg, scheme.dtype, tgt, kernels)
-        model = QuantizeLinears(scheme, kernels).visit("", model)
+            model = LlamaForCausalLM(cfg, scheme.dtype, tgt, registry.OPS)
+        phases = pipeline_phases(tgt, allow_portable_kernels, tqdm.write if verbose else None)
+        dump = _ir_dumper(tmp / "ir" if dump_ir else None)
+        if dump_ir:
+            with tgt:
+                dump("graph", phases[0][1](model.export_tvm(spec=model.get_default_spec())[0]))
+        model = QuantizeLinears(scheme, registry.OPS).visit("", model)
         mod, named_params = model.export_tvm(spec=model.get_default_spec())
         params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
-        if dump_ir:
-            (tmp / "ir").mkdir()
-            (tmp / "ir" / "relax_before.py").write_text(mod.script(show_meta=False))
 
         if random_weights:
             say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
@@ -206,15 +220,13 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
                 raise QoqcError(f"cannot write the weights into {out}: {e.strerror or e}") from None
             params_doc = {"files": shards, "names": [n for n, _, _ in params]}
 
-        phases = pipeline_phases(tgt)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
         with tgt:
             for name, phase in phases:
                 bar.set_postfix_str(name)
                 mod = phase(mod)
+                dump("quantize" if name == "graph" else name, mod)
                 bar.update()
-        if dump_ir:
-            (tmp / "ir" / "relax_after.py").write_text(mod.script(show_meta=False))
         bar.set_postfix_str("codegen")
         ex = tvm.compile(mod, target=tgt, relax_pipeline=None, tir_pipeline=pipeline.TIR_PIPELINE)
         if dump_ir and target == "cuda":
@@ -255,6 +267,19 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         })
         say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")
     return out
+
+
+def _ir_dumper(folder: Path | None):
+    """``dump(step, mod)`` writing ``folder/NN-step.py`` (NN: the step's place in ``IR_DUMPS``), or
+    doing nothing without a folder."""
+    if folder is None:
+        return lambda _step, _mod: None
+    folder.mkdir()
+
+    def dump(step: str, mod) -> None:
+        (folder / f"{IR_DUMPS.index(step) + 1:02d}-{step}.py").write_text(mod.script(show_meta=False))
+
+    return dump
 
 
 def _write_params(root: Path, tensors, count: int, progress: bool) -> list[str]:

@@ -518,3 +518,56 @@ def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gp
                     out[bx // num_q_heads, bx % num_q_heads, d] = T.Cast(dtype, st[2] / st[1])
 
     return merge
+
+
+def kv4_attention_definition(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                             sm_scale: float, dtype: str) -> tirx.PrimFunc:
+    """What the attention op computes, as a plain loop nest: the definition the model emits
+    (``schedules.registry``: op ``kv4_attention``), which the dispatch pass replaces by a kernel.
+    For each token t and query head h, over the keys j = 0..positions[t] of sequence token_seq[t],
+    dequantized as code * scale + minimum, with a running (max, denominator) softmax:
+        out[t, h] = sum_j exp(s_j - m) v_j / sum_j exp(s_j - m),  s_j = sm_scale * q[t, h] . k_j
+    PrimFunc (q [T, Hq, D], kv_data, kv_param, positions [T], token_seq [T], page_table [B, MP],
+    layer int64, out [T, Hq, D]): ``kv4_attention``'s arguments without its workspace."""
+    group, half = num_q_heads // num_kv_heads, head_dim // 2
+
+    def value(data, param, layer, kv, slot, g, d):
+        code = (data[layer, kv, slot, g, d // 2] >> T.Cast("uint8", 4 * (d % 2))) & T.uint8(15)
+        return T.Cast("float32", code) * T.Cast("float32", param[layer, kv, slot, g, 0]) \
+            + T.Cast("float32", param[layer, kv, slot, g, 1])
+
+    @T.prim_func(private=True)
+    def attention(var_q: T.handle, var_data: T.handle, var_param: T.handle, var_pos: T.handle,
+                  var_seq: T.handle, var_table: T.handle, layer: T.int64, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        n, s, b, mp = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (n, num_q_heads, head_dim), dtype)
+        data = T.match_buffer(var_data, (num_layers, 2, s, num_kv_heads, half), "uint8")
+        param = T.match_buffer(var_param, (num_layers, 2, s, num_kv_heads, 2), "float16")
+        positions = T.match_buffer(var_pos, (n,), "int32")
+        token_seq = T.match_buffer(var_seq, (n,), "int32")
+        table = T.match_buffer(var_table, (b, mp), "int32")
+        out = T.match_buffer(var_out, (n, num_q_heads, head_dim), dtype)
+        for t, h in T.grid(n, num_q_heads):
+            st = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, score, new max
+            acc = T.alloc_buffer((head_dim,), "float32", scope="local")
+            st[0] = T.float32(-3.0e38)
+            st[1] = T.float32(0)
+            for d in range(head_dim):
+                acc[d] = T.float32(0)
+            for j in range(positions[t] + 1):
+                slot = T.Cast("int64", table[token_seq[t], j // page_size]) * page_size + j % page_size
+                st[2] = T.float32(0)
+                for d in range(head_dim):
+                    st[2] = st[2] + T.Cast("float32", q[t, h, d]) * value(data, param, layer, 0, slot, h // group, d)
+                st[2] = st[2] * T.float32(sm_scale)
+                st[3] = T.max(st[0], st[2])
+                st[1] = st[1] * T.exp(st[0] - st[3]) + T.exp(st[2] - st[3])
+                for d in range(head_dim):
+                    acc[d] = acc[d] * T.exp(st[0] - st[3]) \
+                        + T.exp(st[2] - st[3]) * value(data, param, layer, 1, slot, h // group, d)
+                st[0] = st[3]
+            for d in range(head_dim):
+                out[t, h, d] = T.Cast(dtype, acc[d] / st[1])
+
+    return attention

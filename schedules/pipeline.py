@@ -6,55 +6,21 @@ legalized loops (``dlight.cpu.GEMV`` is left out: it stalls LLVM codegen for min
 shapes). Functions already scheduled (the KV-cache kernels, the tensor-core GEMM, tagged
 ``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
 
-``kernels_for(target)`` is what the model's quantized layers emit: TE compute definitions and
-hand-written PrimFuncs (activation quantization, KV4; ``gpu`` picks their CUDA form) on every
-target, plus the hand-written tensor-core W4A8 GEMM on CUDA. That kernel is TVMScript written
-against PTX (``T.ptx``); it must be lowered by TVM's ``tirx`` pipeline, which keeps its explicit
-shared buffers as declared (the default ``s_tir`` pipeline compacts buffers only addressed through
-pointers). ``TIR_PIPELINE`` ("qoqc") lowers functions tagged ``qoqc.tir_pipeline = "tirx"`` that
-way and everything else with ``s_tir``.
+Which kernel serves each QoQ op is the registry's business (``schedules.registry``, applied by
+``passes.dispatch_kernels`` before this phase). The hand-written kernels (the tensor-core W4A8 GEMM
+is TVMScript written against PTX, ``T.ptx``; the CUDA forms of the others place their own
+barriers) must be lowered by TVM's ``tirx`` pipeline, which keeps their explicit shared buffers as
+declared (the default ``s_tir`` pipeline compacts buffers only addressed through pointers).
+``TIR_PIPELINE`` ("qoqc") lowers functions tagged ``qoqc.tir_pipeline = "tirx"`` that way and
+everything else with ``s_tir``.
 """
-
-from functools import lru_cache
-from types import SimpleNamespace
 
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
-from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
-
-#: Compute definitions and kernels that the model emits (handed to the frontend by the compiler).
-kernels = SimpleNamespace(gpu=False, act_quant=act_quant.act_quant, argmax=argmax.argmax,
-                          w8a8_matmul=w8a8_gemm.w8a8_matmul, w4a8_matmul=w4a8_gemm.w4a8_matmul,
-                          w4a8_tensor_core=None, rope_q=kv4_attention.rope_q,
-                          rope_q_rotated=kv4_attention.rope_q_rotated, kv4_append=kv4_attention.kv4_append,
-                          kv4_attention=kv4_attention.kv4_attention, kv4_merge=kv4_attention.kv4_merge,
-                          kv4_split_plan=kv4_attention.split_plan, kv4_workspace_shape=kv4_attention.workspace_shape,
-                          kv4_prefill_tensor_core=None)
-
-
-def kernels_for(target) -> SimpleNamespace:
-    """``kernels`` for ``target``: on CUDA, ``w4a8_tensor_core(n, k, group)`` gives the tensor-core
-    GEMM PrimFunc for a linear, or None where its shape needs the portable kernel, and
-    ``kv4_prefill_tensor_core(layers, hq, hkv, d, page_size, sm_scale, dtype)`` the tensor-core
-    prefill attention, or None where ``kv4_attention`` serves prefill too."""
-    if target.kind.name != "cuda":
-        return kernels
-
-    @lru_cache(maxsize=None)
-    def tensor_core(n: int, k: int, group: int | None):
-        return w4a8_gemm_tc.tensor_core_gemm(n, k, group) if w4a8_gemm_tc.supports_tensor_cores(n, k, group) else None
-
-    def prefill(layers: int, hq: int, hkv: int, d: int, page_size: int, sm_scale: float, dtype: str):
-        return kv4_prefill.kv4_prefill(layers, hq, hkv, d, page_size, sm_scale) \
-            if kv4_prefill.supports(d, dtype) else None
-
-    return SimpleNamespace(**{**vars(kernels), "gpu": True, "w4a8_tensor_core": tensor_core,
-                              "kv4_prefill_tensor_core": prefill})
-
 
 TIR_PIPELINE = "qoqc"
 

@@ -23,7 +23,7 @@ def test_tiny_model_cuda_artifact_compiles_with_nvcc(name, quant, arch, tiny_dir
     archs = ["sm_90"] if arch else ["sm_80", "sm_89", "sm_90"]  # None: the default list
     assert manifest["target"] == {"name": "cuda", "kind": "cuda", "arch": archs[0]} and manifest["quant"] == quant
     assert manifest["device_code"] == {"format": "fatbin", "sass": archs, "ptx": ["compute_90"]}
-    assert {"model.so", "ir/relax_before.py", "ir/relax_after.py", "ir/kernels.cu"} <= set(manifest["files"])
+    assert {"model.so", "ir/02-quantize.py", "ir/06-vm.py", "ir/kernels.cu"} <= set(manifest["files"])
     images = nvcc.fatbin_images(nvcc.library_fatbin(out / "model.so"))
     assert sorted(images) == sorted([("sass", a) for a in archs] + [("ptx", "compute_90")])
     src = (out / "ir" / "kernels.cu").read_text()

@@ -2,8 +2,10 @@
 
 One float model for every precision: a quantization scheme changes the linear layers (the pass
 ``passes.quantize_linears`` swaps each ``Linear`` for its quantized op) and the KV cache
-(``LlamaKV4ForCausalLM`` below); everything else is shared. The KV4 cache emits the compute
-definitions the compiler hands in (``kernels``, from ``schedules.pipeline``), so this file names no kernel.
+(``LlamaKV4ForCausalLM`` below); everything else is shared. The KV4 cache and greedy argmax emit
+QoQ ops (``ops``, handed in by the compiler: ``schedules.registry.OPS``), whose kernels the
+compiler's dispatch pass chooses per target, so this file names no kernel. The target reaches
+here only for TVM's float KV cache, which builds its own kernels.
 
 Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
     qkv = RMSNorm(x) @ W_qkv^T (+ b_qkv)        [T, (Hq + 2 Hkv) D]    (q, k, v fused)
@@ -14,7 +16,7 @@ Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
 logits = RMSNorm(x) @ W_lm^T  (W_lm = embedding when tied), computed only at the requested rows.
 Each residual add is carried to the next norm (``AddRMSNorm``: a layer returns the residual and
 its pending update) and silu(gate) * up is one module (``SiluMul``), so a quantized scheme can
-replace each by one kernel that also quantizes its output (``passes.quantize_linears``).
+replace each by one op that also quantizes its output (``passes.quantize_linears``).
 
 Entry points (all take the packed parameter tuple last):
     prefill(input_ids [1, T], logit_positions [P], kv) -> logits [1, P, V] f32
@@ -27,8 +29,6 @@ Entry points (all take the packed parameter tuple last):
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 from tvm import relax, tirx
 from tvm.relax.frontend import nn
@@ -131,11 +131,12 @@ class LlamaForCausalLM(nn.Module):
     """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied).
 
     Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
-    ``kernels``: the hand-written kernels the compiler hands in (``schedules.pipeline.kernels_for``).
+    ``ops``: how the model emits QoQ ops (``schedules.registry.OPS``, handed in by the compiler);
+    ``target``: TVM's float KV cache builds its kernels for it.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels):
-        self.cfg, self.dtype, self.target, self.kernels = cfg, dtype, target, kernels
+    def __init__(self, cfg: ModelConfig, dtype: str, target, ops):
+        self.cfg, self.dtype, self.target, self.ops = cfg, dtype, target, ops
         self.model = Backbone(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
@@ -155,8 +156,8 @@ class LlamaForCausalLM(nn.Module):
         return self._logits(self.model(input_ids, kv)), kv  # [B, 1, V]
 
     def argmax(self, logits: Tensor) -> Tensor:
-        return op.tensor_ir_op(self.kernels.argmax(self.cfg.vocab_size, self.kernels.gpu), "argmax", [logits],
-                               out=Tensor.placeholder((logits.shape[0],), "int32"))
+        return self.ops.emit("argmax", [logits], out=Tensor.placeholder((logits.shape[0],), "int32"),
+                             vocab=self.cfg.vocab_size)
 
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                         prefill_chunk_size: tirx.Var, page_size: tirx.Var,
@@ -227,54 +228,40 @@ class KV4Cache:
     Holds the cache tensors (updated in place by each layer) and the step's addressing arrays
     filled by the runtime: ``positions``, ``token_seq``, ``slots`` [T] and ``page_table`` [B, MP].
     Offers the one method the attention layer calls on TVM's cache. ``prefill``: the step feeds
-    prompts (many tokens per sequence), which the tensor-core kernel serves where the target has it.
+    prompts (many tokens per sequence), a parameter of the attention op its kernel choice may use.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, kernels, gpu: bool, page_size: int, prefill: bool,
+    def __init__(self, cfg: ModelConfig, dtype: str, ops, page_size: int, prefill: bool,
                  data: Tensor, param: Tensor, positions: Tensor, token_seq: Tensor, page_table: Tensor,
                  slots: Tensor, rotate: bool = False):
-        self.cfg, self.dtype, self.kernels, self.gpu, self.page_size = cfg, dtype, kernels, gpu, page_size
+        self.cfg, self.dtype, self.ops, self.page_size = cfg, dtype, ops, page_size
         self.rotate = rotate  # q and k times the head dimension's Hadamard matrix after RoPE
         self.prefill = prefill
         self.data, self.param = data, param
         self.positions, self.token_seq, self.page_table, self.slots = positions, token_seq, page_table, slots
 
     def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_heads: int, sm_scale: float) -> Tensor:
-        cfg, k = self.cfg, self.kernels
+        cfg, ops = self.cfg, self.ops
         b, t, heads, d = qkv.shape
         x = op.reshape(qkv, (b * t, heads, d))
+        rope = {"theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling)}
         if self.rotate:
-            q = op.tensor_ir_op(k.rope_q_rotated(num_heads, cfg.num_kv_heads, d, cfg.rope_theta,
-                                                 dict(cfg.rope_scaling), self.dtype, self.gpu), "rope_q_rotated",
-                                [x, self.positions], out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
+            q = ops.emit("rope_q_rotated", [x, self.positions],
+                         out=Tensor.placeholder((b * t, num_heads, d), self.dtype), num_q_heads=num_heads,
+                         num_kv_heads=cfg.num_kv_heads, head_dim=int(d), dtype=self.dtype, **rope)
         else:
-            q = op.tensor_expr_op(partial(k.rope_q, num_q_heads=num_heads, theta=cfg.rope_theta,
-                                          rope_scaling=dict(cfg.rope_scaling)), "rope_q", [x, self.positions])
-        layer = tirx.IntImm("int64", layer_id)  # a scalar argument: one kernel serves every layer
-        self.data, self.param = op.tensor_ir_inplace_op(
-            k.kv4_append(cfg.num_layers, num_heads, cfg.num_kv_heads, d, cfg.rope_theta, dict(cfg.rope_scaling),
-                         self.dtype, self.gpu, self.rotate), "kv4_append",
-            [self.data, self.param, x, self.positions, self.slots, layer], inplace_indices=[0, 1],
-            out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")])
-        tensor_core = None
-        if self.prefill and k.kv4_prefill_tensor_core is not None:
-            tensor_core = k.kv4_prefill_tensor_core(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size,
-                                                    sm_scale, self.dtype)
-        if tensor_core is not None:
-            out = op.tensor_ir_op(tensor_core, "kv4_prefill",
-                                  [q, self.data, self.param, self.positions, self.token_seq, self.page_table, layer],
-                                  out=Tensor.placeholder((b * t, num_heads, d), self.dtype))
-            return op.reshape(out, (b, t, num_heads, d))
-        plan = k.kv4_split_plan(num_heads, cfg.num_kv_heads, d, self.gpu)
-        out, workspace = op.tensor_ir_op(
-            k.kv4_attention(cfg.num_layers, num_heads, cfg.num_kv_heads, d, self.page_size, sm_scale,
-                            self.dtype, self.gpu, plan), "kv4_attention",
-            [q, self.data, self.param, self.positions, self.token_seq, self.page_table, layer],
-            out=[Tensor.placeholder((b * t, num_heads, d), self.dtype),
-                 Tensor.placeholder(k.kv4_workspace_shape(plan), "float32")])
-        out = op.tensor_ir_inplace_op(
-            k.kv4_merge(num_heads, cfg.num_kv_heads, d, self.dtype, self.gpu, plan), "kv4_merge",
-            [out, workspace, self.positions], inplace_indices=[0], out=Tensor.placeholder(out.shape, self.dtype))
+            q = ops.emit("rope_q", [x, self.positions], num_q_heads=num_heads, **rope)
+        layer = tirx.IntImm("int64", layer_id)  # a scalar argument: one function serves every layer
+        self.data, self.param = ops.emit(
+            "kv4_append", [self.data, self.param, x, self.positions, self.slots, layer], inplace=[0, 1],
+            out=[Tensor.placeholder(self.data.shape, "uint8"), Tensor.placeholder(self.param.shape, "float16")],
+            num_layers=cfg.num_layers, num_q_heads=num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=int(d),
+            dtype=self.dtype, rotate=self.rotate, **rope)
+        out = ops.emit("kv4_attention", [q, self.data, self.param, self.positions, self.token_seq, self.page_table,
+                                         layer],
+                       out=Tensor.placeholder((b * t, num_heads, d), self.dtype), num_layers=cfg.num_layers,
+                       num_q_heads=num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=int(d),
+                       page_size=self.page_size, sm_scale=sm_scale, dtype=self.dtype, prefill=self.prefill)
         return op.reshape(out, (b, t, num_heads, d))
 
 
@@ -289,13 +276,12 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, kernels, page_size: int, kv_rotation: bool = False):
-        super().__init__(cfg, dtype, target, kernels)
+    def __init__(self, cfg: ModelConfig, dtype: str, target, ops, page_size: int, kv_rotation: bool = False):
+        super().__init__(cfg, dtype, target, ops)
         self.page_size, self.kv_rotation = page_size, kv_rotation
-        self.gpu = "gpu" in target.keys
 
     def _cache(self, prefill, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
-        return KV4Cache(self.cfg, self.dtype, self.kernels, self.gpu, self.page_size, prefill, kv_data, kv_param,
+        return KV4Cache(self.cfg, self.dtype, self.ops, self.page_size, prefill, kv_data, kv_param,
                         positions, token_seq, page_table, slots, self.kv_rotation)
 
     def prefill(self, input_ids: Tensor, logit_positions: Tensor, positions: Tensor, token_seq: Tensor,

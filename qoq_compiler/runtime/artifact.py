@@ -8,7 +8,7 @@
                                artifact of random weights (``manifest["params"]["random"]``: shapes and
                                dtypes, drawn at load by ``random_params``)
       tokenizer/               tokenizer files with the chat template (absent if the checkpoint has none)
-      ir/                      Relax IR before and after the pipeline (only with --dump-ir)
+      ir/                      the IR after each compiler step (only with --dump-ir)
 
 An artifact is written into a temporary sibling directory and renamed into place at the end, so an
 interrupted or failed compile never leaves a half-written OUT.

@@ -1,0 +1,196 @@
+"""``passes.dispatch_kernels`` as TVM tests its passes: a ``Before`` module of QoQ ops (what the model
+emits, ``schedules.registry.OPS``) through the pass for a target, compared with an ``Expected``
+module written out here with ``tvm.ir.assert_structural_equal``; plus the refusal of a portable
+W4A8 GEMM on CUDA, and a compiled model's IR naming no kernel before dispatch and no op after it."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+from qoq_compiler.errors import QoqcError
+from qoq_compiler.passes.dispatch_kernels import dispatch_kernels
+from qoq_compiler.tvm_env import tvm
+from schedules import act_quant, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc
+from schedules.registry import OPS, REGISTRY
+from tvm import relax, tirx
+from tvm.relax.frontend.nn import Tensor
+
+LLVM = tvm.target.Target("llvm")
+CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+
+
+def _module(params: list[relax.Var], body) -> tvm.IRModule:
+    """A module whose ``main`` takes ``params`` and returns what ``body(bb, *params)`` emits last."""
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _before(params, op: str, out=None, inplace=None, **op_params) -> tvm.IRModule:
+    def body(_bb, *args):
+        res = OPS.emit(op, [Tensor(_expr=a) for a in args], out=out, inplace=inplace, **op_params)
+        return res._expr
+    return _module(params, body)
+
+
+def _linear_params(k: int, n: int, bias: bool):
+    t = tirx.Var("t", "int64")
+    return [relax.Var("qx", relax.TensorType((1, t, k), "int8")),
+            relax.Var("sx", relax.TensorType((1, t, 1), "float16")),
+            relax.Var("qw", relax.TensorType((n // 32, k // 32, 32, 4), "uint32")),
+            relax.Var("s1", relax.TensorType((n,), "float16")),
+            relax.Var("s2", relax.TensorType((-(-k // 128), n), "int8")),
+            relax.Var("z2", relax.TensorType((-(-k // 128), n), "int8")),
+            *([relax.Var("b", relax.TensorType((n,), "float32"))] if bias else [])]
+
+
+def _dispatch(mod, target, **kw):
+    with target:
+        return dispatch_kernels(target, REGISTRY, **kw)(mod)
+
+
+def test_w4a8_linear_on_llvm_is_the_portable_gemm_then_bias_and_cast():
+    params = _linear_params(256, 64, bias=True)
+    before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
+
+    def expected(bb, qx, sx, qw, s1, s2, z2, b):
+        y = bb.emit_te(partial(w4a8_gemm.w4a8_matmul, group=128), qx, sx, qw, s1, s2, z2,
+                       primfunc_name_hint="w4a8_matmul")
+        y = bb.emit(relax.op.add(y, b))
+        return relax.op.astype(y, "float16")
+
+    tvm.ir.assert_structural_equal(_dispatch(before, LLVM), _module(params, expected))
+
+
+def test_w4a8_linear_on_cuda_is_the_tensor_core_gemm_on_token_rows():
+    params = _linear_params(256, 64, bias=True)
+    before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
+
+    def expected(bb, qx, sx, qw, s1, s2, z2, b):
+        lead = list(qx.ty.shape.values[:-1])
+        qx2 = bb.emit(relax.op.reshape(qx, (-1, 256)))
+        sx2 = bb.emit(relax.op.reshape(sx, (-1, 1)))
+        gemm = bb.add_func(w4a8_gemm_tc.tensor_core_gemm(64, 256, 128), "w4a8_gemm")
+        y = bb.emit(relax.call_tir(gemm, [qx2, sx2, qw, s1, s2, z2],
+                                   relax.TensorType((qx2.ty.shape.values[0], 64), "float16")))
+        y = bb.emit(relax.op.reshape(y, (*lead, 64)))
+        b16 = bb.emit(relax.op.astype(b, "float16"))
+        return relax.op.add(y, b16)
+
+    tvm.ir.assert_structural_equal(_dispatch(before, CUDA), _module(params, expected))
+
+
+def test_portable_w4a8_on_cuda_is_refused_unless_allowed():
+    params = _linear_params(96, 64, bias=False)  # K = 96 is 32-aligned, but groups of 48 are not
+    before = _before(params[:4] + [relax.Var("s2", relax.TensorType((2, 64), "int8")),
+                                   relax.Var("z2", relax.TensorType((2, 64), "int8"))],
+                     "w4a8_linear", n=64, k=96, group=48, bias=False, dtype="float16")
+    with pytest.raises(QoqcError, match="--allow-portable-kernels"):
+        _dispatch(before, CUDA)
+    lines = []
+    after = _dispatch(before, CUDA, allow_portable=True, log=lines.append)
+    assert lines == ["qoqc: dispatch: w4a8_linear bias=False dtype=float16 group=48 k=96 n=64 -> w4a8_matmul"]
+    assert [gv.name_hint for gv, _ in after.functions_items() if isinstance(_, tirx.PrimFunc)] == ["w4a8_matmul"]
+
+
+@pytest.mark.parametrize("target", [LLVM, CUDA], ids=["llvm", "cuda"])
+def test_act_quant_takes_the_targets_form(target):
+    t = tirx.Var("t", "int64")
+    x = relax.Var("x", relax.TensorType((1, t, 64), "float16"))
+    w = relax.Var("w", relax.TensorType((64,), "float16"))
+    out = [Tensor.placeholder((1, t, 64), "int8"), Tensor.placeholder((1, t, 1), "float16"),
+           Tensor.placeholder((1, t, 1), "int32")]
+
+    def before_body(_bb, x, w):
+        res = OPS.emit("act_quant", [Tensor(_expr=x), Tensor(_expr=w)], out=out, kind="rmsnorm", k=64,
+                       dtype="float16", eps=1e-5)
+        return relax.Tuple([r._expr for r in res])
+
+    before = _module([x, w], before_body)
+
+    def expected(bb, x, w):
+        gv = bb.add_func(act_quant.act_quant("rmsnorm", 64, "float16", target.kind.name == "cuda", 1e-5),
+                         "rmsnorm_quantize")
+        res = bb.emit(relax.call_tir(gv, [x, w], [o._expr.ty for o in out]))
+        return relax.Tuple([bb.emit(relax.TupleGetItem(res, i)) for i in range(3)])
+
+    tvm.ir.assert_structural_equal(_dispatch(before, target), _module([x, w], expected))
+
+
+def _attention_params(hq: int, hkv: int, d: int):
+    n, s, b, mp = (tirx.Var(v, "int64") for v in ("n", "s", "b", "mp"))
+    return [relax.Var("q", relax.TensorType((n, hq, d), "float16")),
+            relax.Var("data", relax.TensorType((2, 2, s, hkv, d // 2), "uint8")),
+            relax.Var("param", relax.TensorType((2, 2, s, hkv, 2), "float16")),
+            relax.Var("pos", relax.TensorType((n,), "int32")), relax.Var("seq", relax.TensorType((n,), "int32")),
+            relax.Var("table", relax.TensorType((b, mp), "int32"))]
+
+
+@pytest.mark.parametrize("target,prefill", [(LLVM, True), (CUDA, False), (CUDA, True)],
+                         ids=["llvm-prefill", "cuda-decode", "cuda-prefill"])
+def test_kv4_attention_is_split_attention_and_merge_or_the_tensor_core_prefill(target, prefill):
+    hq, hkv, d, sm = 6, 2, 64, 0.125
+    params = _attention_params(hq, hkv, d)
+    op_params = dict(num_layers=2, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=16, sm_scale=sm,
+                     dtype="float16")
+    layer = tirx.IntImm("int64", 1)
+    out = Tensor.placeholder(params[0].ty.shape.values, "float16")
+
+    def before_body(_bb, *args):
+        return OPS.emit("kv4_attention", [*[Tensor(_expr=a) for a in args], layer], out=out, prefill=prefill,
+                        **op_params)._expr
+
+    before = _module(params, before_body)
+    gpu = target.kind.name == "cuda"
+
+    def expected(bb, q, data, param, pos, seq, table):
+        args = [q, data, param, pos, seq, table, relax.prim_value(layer)]
+        if gpu and prefill:
+            gv = bb.add_func(kv4_prefill.kv4_prefill(2, hq, hkv, d, 16, sm), "kv4_prefill")
+            return relax.call_tir(gv, args, out._expr.ty)
+        plan = kv4_attention.split_plan(hq, hkv, d, gpu)
+        attention = bb.add_func(kv4_attention.kv4_attention(**op_params, gpu=gpu, plan=plan), "kv4_attention")
+        merge = bb.add_func(kv4_attention.kv4_merge(hq, hkv, d, "float16", gpu, plan), "kv4_merge")
+        both = bb.emit(relax.call_tir(attention, args, [out._expr.ty, relax.TensorType(
+            kv4_attention.workspace_shape(plan), "float32")]))
+        o, ws = bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+        return relax.call_tir_inplace(merge, [o, ws, pos], [0], out._expr.ty)
+
+    tvm.ir.assert_structural_equal(_dispatch(before, target), _module(params, expected))
+
+
+@pytest.mark.slow
+def test_compiled_model_names_its_kernels_only_after_dispatch(tiny_dirs, tmp_path):
+    """The quantized model's IR is the same for llvm and CUDA until the dispatch step; afterwards no
+    op definition is left and each target has its own kernels."""
+    from qoq_compiler import compile
+    from schedules import nvcc
+
+    targets = ["llvm"] + (["cuda"] if nvcc.nvcc_path() is not None else [])
+    ir = {}
+    for target in targets:
+        out = compile(tiny_dirs["llama"], target=target, quant="rtn-w4a8kv4", output=tmp_path / target,
+                      dump_ir=True, progress=False)
+        ir[target] = {p.stem: p.read_text() for p in (out / "ir").glob("0*.py")}
+        assert "qoq.kernel" in ir[target]["02-quantize"] and "qoq.kernel" not in ir[target]["03-dispatch"]
+    if "cuda" in ir:
+        assert ir["llvm"]["02-quantize"] == ir["cuda"]["02-quantize"]
+        assert "w4a8_gemm" in ir["cuda"]["03-dispatch"] and "w4a8_gemm" not in ir["llvm"]["03-dispatch"]
+
+
+def test_frontend_names_no_kernel_and_no_target():
+    """The model says what to compute: no kernel of the registry (other than an op's own name) and
+    no GPU appears in the frontend or the linear rewrite."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "qoq_compiler"
+    kernels = {k.name for k in REGISTRY.kernels} - {k.op for k in REGISTRY.kernels}
+    for path in [*(root / "frontend").glob("*.py"), root / "passes" / "quantize_linears.py"]:
+        src = path.read_text()
+        assert not [k for k in kernels if k in src], path
+        assert "cuda" not in src.lower() and "gpu" not in src.lower(), path
