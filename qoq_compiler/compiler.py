@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.numpy import save_file
@@ -129,6 +129,29 @@ def _default_output(model: Path, quant: str, target: str) -> Path:
     return Path("dist") / f"{name}-{quant}-{target}"
 
 
+@dataclass
+class _Job:
+    """One compile's validated options (``_job``), read by every stage."""
+
+    scheme: QuantScheme
+    target: str
+    tgt: "tvm.target.Target"
+    arch: str | None
+    page_size: int
+    cache: dict
+    model_path: Path
+    out: Path
+    dump_ir: bool
+    progress: bool
+    random_weights: bool
+    verbose: bool
+    allow_portable_kernels: bool
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(line)
+
+
 def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = DEFAULT_SCHEME,
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
             progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False,
@@ -141,11 +164,35 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
     directory holding one) and no weight is written: the artifact records each parameter's shape
     and dtype and the runtime draws them at load (for benchmarks: speed does not depend on them).
     ``verbose``: print each kernel choice; ``allow_portable_kernels``: let a CUDA W4A8 linear of a
-    shape the tensor-core GEMM does not take run on the portable kernel instead of failing."""
+    shape the tensor-core GEMM does not take run on the portable kernel instead of failing.
+
+    Stages, each a function below: load, quantize, export, write the weights, passes, build, write
+    the artifact; the artifact directory appears whole or not at all (``runtime.artifact.writing``)."""
+    job = _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, random_weights, verbose,
+               allow_portable_kernels)
+    with writing(job.out) as tmp:
+        ckpt, scheme = _load(job)
+        t0 = time.perf_counter()
+        ckpt, scheme, weights = _quantize(job, ckpt, scheme)
+        dump = _ir_dumper(tmp / "ir" if dump_ir else None)
+        phases = pipeline_phases(job.tgt, allow_portable_kernels, tqdm.write if verbose else None)
+        mod, params = _export(job, ckpt.config, scheme, phases, dump)
+        params_doc = _write_weights(job, tmp, ckpt, scheme, weights, params)
+        bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
+        mod = _passes(job, mod, phases, dump, bar)
+        device_code = _build(job, mod, tmp, bar)
+        bar.close()
+        _write_artifact(job, tmp, ckpt, scheme, params_doc, device_code)
+        job.say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {job.out}")
+    return job.out
+
+
+def _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, random_weights, verbose,
+         allow_portable_kernels) -> _Job:
+    """The options checked (one ``QoqcError`` line for a bad one) before anything is read or written."""
     if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
     scheme = quant if isinstance(quant, QuantScheme) else QUANT_SCHEMES[quant]
-    quant = scheme.name
     tgt = make_target(target, arch)
     if target == "cuda" and nvcc.nvcc_path() is None:
         raise QoqcError("--target cuda compiles device code ahead of time with nvcc, which is not on PATH "
@@ -158,115 +205,139 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
     page_size = kv_page_size or KV4_PAGE_SIZE
     cache = {"kind": "kv4-paged", "page_size": page_size} if scheme.kv == "int4" else {"kind": "tvm-paged"}
     model_path = Path(model) if model is not None else default_model_path()
-    out = Path(output) if output is not None else _default_output(model_path, quant, target)
+    out = Path(output) if output is not None else _default_output(model_path, scheme.name, target)
+    return _Job(scheme, target, tgt, arch, page_size, cache, model_path, out, dump_ir, progress, random_weights,
+                verbose, allow_portable_kernels)
 
-    with writing(out) as tmp:
-        say = tqdm.write if progress else (lambda *_: None)
-        ckpt = open_config(model_path) if random_weights else open_checkpoint(model_path)
-        cfg = ckpt.config
-        say(f"qoqc: {cfg.architecture} from {model_path}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+
+def _load(job: _Job):
+    """Stage load: the checkpoint (or a config alone, for random weights), described and checked
+    against the scheme. Returns (checkpoint, scheme as the model allows it)."""
+    scheme, model_path = job.scheme, job.model_path
+    ckpt = open_config(model_path) if job.random_weights else open_checkpoint(model_path)
+    cfg = ckpt.config
+    job.say(f"qoqc: {cfg.architecture} from {model_path}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_heads}/{cfg.num_kv_heads} heads of {cfg.head_dim}, vocab {cfg.vocab_size}, "
             f"context {cfg.context_window}")
-        if cache["kind"] == "kv4-paged" and cfg.head_dim % 8:
-            raise QoqcError(f"{scheme.name}: the 4-bit KV cache packs 8 codes per 32-bit word, so head_dim must be "
-                            f"a multiple of 8; {model_path} has head_dim {cfg.head_dim} (use w8a8 or fp16)")
-        if ckpt.tokenizer is None:
-            say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
-        if scheme.kv_rotation and cfg.head_dim & (cfg.head_dim - 1):
-            say(f"qoqc: warning: {scheme.name}: head_dim {cfg.head_dim} is not a power of 2, so q and k are not "
+    if job.cache["kind"] == "kv4-paged" and cfg.head_dim % 8:
+        raise QoqcError(f"{scheme.name}: the 4-bit KV cache packs 8 codes per 32-bit word, so head_dim must be "
+                        f"a multiple of 8; {model_path} has head_dim {cfg.head_dim} (use w8a8 or fp16)")
+    if ckpt.tokenizer is None:
+        job.say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
+    if scheme.kv_rotation and cfg.head_dim & (cfg.head_dim - 1):
+        job.say(f"qoqc: warning: {scheme.name}: head_dim {cfg.head_dim} is not a power of 2, so q and k are not "
                 "Hadamard-rotated before the 4-bit KV cache (less accurate)")
-            scheme = replace(scheme, kv_rotation=False)
-        fp16_bytes = bytes_per_token(cfg, "tvm-paged", "float16")
-        kv_bytes = bytes_per_token(cfg, cache["kind"], scheme.dtype)
-        say(f"qoqc: KV cache {kv_bytes:,} bytes/token" + (
-            f" in 4 bits, {page_size}-token pages (fp16: {fp16_bytes:,}, {kv_bytes / fp16_bytes:.0%} of it)"
-            if cache["kind"] == "kv4-paged" else f" in {scheme.dtype}"))
+        scheme = replace(scheme, kv_rotation=False)
+    fp16_bytes = bytes_per_token(cfg, "tvm-paged", "float16")
+    kv_bytes = bytes_per_token(cfg, job.cache["kind"], scheme.dtype)
+    job.say(f"qoqc: KV cache {kv_bytes:,} bytes/token" + (
+        f" in 4 bits, {job.page_size}-token pages (fp16: {fp16_bytes:,}, {kv_bytes / fp16_bytes:.0%} of it)"
+        if job.cache["kind"] == "kv4-paged" else f" in {scheme.dtype}"))
+    return ckpt, scheme
 
-        t0 = time.perf_counter()
-        weights = None
-        if scheme.weights == "int4" and not random_weights:
-            say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
-            hf = ckpt.torch_model if ckpt.torch_model is not None else load_torch_model(model_path)
-            scheme, loss = choose_kv_rotation(hf, ckpt.tokenizer, scheme)
-            if loss is not None:
-                say(f"qoqc: KV4: q/k {'Hadamard-rotated' if scheme.kv_rotation else 'not rotated, SmoothAttention'}"
-                    f" (4-bit-KV calibration loss {loss['rotated']:.4f} rotated, {loss['smoothed']:.4f} smoothed)")
-            weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=progress)
-            ckpt = from_torch_model(hf, model_path, ckpt.tokenizer)  # the transformed float weights
-            cfg = ckpt.config  # rotation unties lm_head
-        if scheme.kv == "int4":
-            model = LlamaKV4ForCausalLM(cfg, scheme.dtype, tgt, registry.OPS, page_size, scheme.kv_rotation)
-        else:
-            model = LlamaForCausalLM(cfg, scheme.dtype, tgt, registry.OPS)
-        phases = pipeline_phases(tgt, allow_portable_kernels, tqdm.write if verbose else None)
-        dump = _ir_dumper(tmp / "ir" if dump_ir else None)
-        if dump_ir:
-            with tgt:
-                dump("graph", phases[0][1](model.export_tvm(spec=model.get_default_spec())[0]))
-        model = QuantizeLinears(scheme, registry.OPS).visit("", model)
-        mod, named_params = model.export_tvm(spec=model.get_default_spec())
-        params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
 
-        if random_weights:
-            say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
-            params_doc = {"files": [], "names": [n for n, _, _ in params],
-                          "random": {"seed": 0, "shapes": [list(s) for _, s, _ in params],
-                                     "dtypes": [d for _, _, d in params]}}
-        else:
-            quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
-            try:
-                shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), progress)
-            except OSError as e:
-                raise QoqcError(f"cannot write the weights into {out}: {e.strerror or e}") from None
-            params_doc = {"files": shards, "names": [n for n, _, _ in params]}
+def _quantize(job: _Job, ckpt, scheme: QuantScheme):
+    """Stage quantize: for 4-bit weights, the K cache's treatment chosen and the QoQ passes (or
+    round-to-nearest) run on the torch model. Returns (checkpoint of the transformed float weights,
+    scheme, quantized weights by parameter name, or None where the loader quantizes)."""
+    if scheme.weights != "int4" or job.random_weights:
+        return ckpt, scheme, None
+    job.say(f"qoqc: {scheme.name}: " + ("calibrating QoQ passes" if scheme.passes else "round-to-nearest weights"))
+    hf = ckpt.torch_model if ckpt.torch_model is not None else load_torch_model(job.model_path)
+    scheme, loss = choose_kv_rotation(hf, ckpt.tokenizer, scheme)
+    if loss is not None:
+        job.say(f"qoqc: KV4: q/k {'Hadamard-rotated' if scheme.kv_rotation else 'not rotated, SmoothAttention'}"
+                f" (4-bit-KV calibration loss {loss['rotated']:.4f} rotated, {loss['smoothed']:.4f} smoothed)")
+    weights = quantize_model(hf, ckpt.tokenizer, scheme, progress=job.progress)
+    return from_torch_model(hf, job.model_path, ckpt.tokenizer), scheme, weights  # rotation unties lm_head
 
-        bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
-        with tgt:
-            for name, phase in phases:
-                bar.set_postfix_str(name)
-                mod = phase(mod)
-                dump("quantize" if name == "graph" else name, mod)
-                bar.update()
-        bar.set_postfix_str("codegen")
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=None, tir_pipeline=pipeline.TIR_PIPELINE)
-        if dump_ir and target == "cuda":
-            (tmp / "ir" / "kernels.cu").write_text(nvcc.cuda_source(ex))
-        bar.update()
-        bar.set_postfix_str("export")
-        device_code = None
-        if target == "cuda":
-            archs = cuda_archs(arch)
-            images = nvcc.export_library(ex, tmp / LIBRARY, archs, archs[-1], tgt.host)
-            device_code = {"format": "fatbin", "sass": [a for kind, a in images if kind == "sass"],
-                           "ptx": [a for kind, a in images if kind == "ptx"]}
-        else:
-            ex.export_library(str(tmp / LIBRARY))
-        bar.update()
-        bar.close()
 
-        if ckpt.tokenizer is not None:
-            ckpt.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        write_manifest(tmp, {
-            "qoqc_version": __version__,
-            "tvm_version": tvm.__version__,
-            "tvm_ffi_version": tvm_ffi.__version__,
-            "target": {"name": target, **{k: str(v) for k, v in tgt.export().items()
+def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
+    """Stage export: the float model, its linears rewritten into QoQ ops, exported to Relax IR that
+    names no target. Returns (module, [(parameter name, shape, dtype)])."""
+    if scheme.kv == "int4":
+        model = LlamaKV4ForCausalLM(cfg, scheme.dtype, job.tgt, registry.OPS, job.page_size, scheme.kv_rotation)
+    else:
+        model = LlamaForCausalLM(cfg, scheme.dtype, job.tgt, registry.OPS)
+    if job.dump_ir:
+        with job.tgt:
+            dump("graph", phases[0][1](model.export_tvm(spec=model.get_default_spec())[0]))
+    model = QuantizeLinears(scheme, registry.OPS).visit("", model)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    return mod, [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
+
+
+def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, params) -> dict:
+    """Stage weights: every parameter converted (quantized, in its kernel's layout) and written as
+    safetensors shards, or with random weights only their shapes recorded. Returns the manifest's
+    ``params``."""
+    if job.random_weights:
+        job.say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
+        return {"files": [], "names": [n for n, _, _ in params],
+                "random": {"seed": 0, "shapes": [list(s) for _, s, _ in params], "dtypes": [d for _, _, d in params]}}
+    quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
+    try:
+        shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), job.progress)
+    except OSError as e:
+        raise QoqcError(f"cannot write the weights into {job.out}: {e.strerror or e}") from None
+    return {"files": shards, "names": [n for n, _, _ in params]}
+
+
+def _passes(job: _Job, mod, phases, dump, bar):
+    """Stage passes: the phases in order (``pipeline_phases``), each one's output dumped."""
+    with job.tgt:
+        for name, phase in phases:
+            bar.set_postfix_str(name)
+            mod = phase(mod)
+            dump("quantize" if name == "graph" else name, mod)
+            bar.update()
+    return mod
+
+
+def _build(job: _Job, mod, tmp: Path, bar) -> dict | None:
+    """Stage build: code generation and the library (for CUDA with its device code compiled ahead of
+    time). Returns the manifest's ``device_code`` (None on CPUs)."""
+    bar.set_postfix_str("codegen")
+    ex = tvm.compile(mod, target=job.tgt, relax_pipeline=None, tir_pipeline=pipeline.TIR_PIPELINE)
+    if job.dump_ir and job.target == "cuda":
+        (tmp / "ir" / "kernels.cu").write_text(nvcc.cuda_source(ex))
+    bar.update()
+    bar.set_postfix_str("export")
+    device_code = None
+    if job.target == "cuda":
+        archs = cuda_archs(job.arch)
+        images = nvcc.export_library(ex, tmp / LIBRARY, archs, archs[-1], job.tgt.host)
+        device_code = {"format": "fatbin", "sass": [a for kind, a in images if kind == "sass"],
+                       "ptx": [a for kind, a in images if kind == "ptx"]}
+    else:
+        ex.export_library(str(tmp / LIBRARY))
+    bar.update()
+    return device_code
+
+
+def _write_artifact(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, params_doc: dict, device_code) -> None:
+    """Stage write: the tokenizer and the manifest (which lists every file with its checksum)."""
+    if ckpt.tokenizer is not None:
+        ckpt.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+    write_manifest(tmp, {
+        "qoqc_version": __version__,
+        "tvm_version": tvm.__version__,
+        "tvm_ffi_version": tvm_ffi.__version__,
+        "target": {"name": job.target, **{k: str(v) for k, v in job.tgt.export().items()
                                           if k in ("kind", "arch", "mcpu")}},
-            "host": _host_features(tgt.host or tgt),
-            "quant": quant,
-            "dtype": scheme.dtype,
-            "quant_scheme": scheme.to_dict(),
-            "source": str(model_path.absolute()),
-            "model": cfg.to_dict(),
-            "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
-            "kv_cache": cache,
-            "library": LIBRARY,
-            **({"device_code": device_code} if device_code else {}),
-            "params": params_doc,
-            "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,
-        })
-        say(f"qoqc: compiled in {time.perf_counter() - t0:.1f} s -> {out}")
-    return out
+        "host": _host_features(job.tgt.host or job.tgt),
+        "quant": scheme.name,
+        "dtype": scheme.dtype,
+        "quant_scheme": scheme.to_dict(),
+        "source": str(job.model_path.absolute()),
+        "model": ckpt.config.to_dict(),
+        "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
+        "kv_cache": job.cache,
+        "library": LIBRARY,
+        **({"device_code": device_code} if device_code else {}),
+        "params": params_doc,
+        "tokenizer": TOKENIZER_DIR if ckpt.tokenizer is not None else None,
+    })
 
 
 def _ir_dumper(folder: Path | None):
