@@ -4,7 +4,8 @@ The only module that imports every stage. The model is exported as Relax IR that
 (its QoQ ops are tagged definitions, ``schedules.registry.OPS``); then one ordered list of phases:
 
     1. graph       Relax-level rewrites on the operator graph (X @ W^T without a transposed copy)
-    2. dispatch    each QoQ op replaced by the target's kernel (``passes.dispatch_kernels``)
+    2. dispatch    each QoQ op replaced by the target's kernel (``passes.dispatch_kernels``), TVM's
+                   float KV cache built for the target (``passes.dispatch_kv_cache``)
     3. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
     4. schedule    TensorIR schedule rules for the target (``schedules.pipeline.default_rules``)
     5. vm          memory planning and lowering to the Relax VM
@@ -36,6 +37,7 @@ from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, Ll
 from .frontend.loader import convert
 from .frontend.synthetic import open_config
 from .passes.dispatch_kernels import dispatch_kernels
+from .passes.dispatch_kv_cache import dispatch_kv_cache
 from .passes.quantize_linears import QuantizeLinears
 from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
@@ -112,7 +114,8 @@ def pipeline_phases(target, allow_portable: bool = False, log=None) -> list[tupl
     seq = tvm.transform.Sequential
     return [
         ("graph", seq([t.FuseTransposeMatmul()])),
-        ("dispatch", dispatch_kernels(target, registry.REGISTRY, allow_portable, log)),
+        ("dispatch", seq([dispatch_kernels(target, registry.REGISTRY, allow_portable, log),
+                          dispatch_kv_cache(target)])),
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
         ("schedule", pipeline.schedule(target)),
@@ -256,9 +259,9 @@ def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
     """Stage export: the float model, its linears rewritten into QoQ ops, exported to Relax IR that
     names no target. Returns (module, [(parameter name, shape, dtype)])."""
     if scheme.kv == "int4":
-        model = LlamaKV4ForCausalLM(cfg, scheme.dtype, job.tgt, registry.OPS, job.page_size, scheme.kv_rotation)
+        model = LlamaKV4ForCausalLM(cfg, scheme.dtype, registry.OPS, job.page_size, scheme.kv_rotation)
     else:
-        model = LlamaForCausalLM(cfg, scheme.dtype, job.tgt, registry.OPS)
+        model = LlamaForCausalLM(cfg, scheme.dtype, registry.OPS)
     if job.dump_ir:
         with job.tgt:
             dump("graph", phases[0][1](model.export_tvm(spec=model.get_default_spec())[0]))

@@ -5,6 +5,7 @@ W4A8 GEMM on CUDA, and a compiled model's IR naming no kernel before dispatch an
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import pytest
@@ -165,27 +166,30 @@ def test_kv4_attention_is_split_attention_and_merge_or_the_tensor_core_prefill(t
 
 
 @pytest.mark.slow
-def test_compiled_model_names_its_kernels_only_after_dispatch(tiny_dirs, tmp_path):
-    """The quantized model's IR is the same for llvm and CUDA until the dispatch step; afterwards no
-    op definition is left and each target has its own kernels."""
+@pytest.mark.parametrize("quant", ["rtn-w4a8kv4", "fp16"])
+def test_compiled_model_names_its_target_only_after_dispatch(quant, tiny_dirs, tmp_path):
+    """The exported model's IR is the same for llvm and CUDA until the dispatch step; afterwards no
+    op definition or generic cache creation is left, and each target has its own kernels."""
     from qoq_compiler import compile
+    from qoq_compiler.frontend.llama import KV_CACHE_CREATE
     from schedules import nvcc
 
     targets = ["llvm"] + (["cuda"] if nvcc.nvcc_path() is not None else [])
     ir = {}
     for target in targets:
-        out = compile(tiny_dirs["llama"], target=target, quant="rtn-w4a8kv4", output=tmp_path / target,
-                      dump_ir=True, progress=False)
+        out = compile(tiny_dirs["llama"], target=target, quant=quant, output=tmp_path / target, dump_ir=True,
+                      progress=False)
         ir[target] = {p.stem: p.read_text() for p in (out / "ir").glob("0*.py")}
-        assert "qoq.kernel" in ir[target]["02-quantize"] and "qoq.kernel" not in ir[target]["03-dispatch"]
+        generic = "qoq.kernel" if quant != "fp16" else KV_CACHE_CREATE
+        assert generic in ir[target]["02-quantize"] and generic not in ir[target]["03-dispatch"]
     if "cuda" in ir:
         assert ir["llvm"]["02-quantize"] == ir["cuda"]["02-quantize"]
-        assert "w4a8_gemm" in ir["cuda"]["03-dispatch"] and "w4a8_gemm" not in ir["llvm"]["03-dispatch"]
+        assert "threadIdx" in ir["cuda"]["03-dispatch"] and "threadIdx" not in ir["llvm"]["03-dispatch"]
 
 
 def test_frontend_names_no_kernel_and_no_target():
     """The model says what to compute: no kernel of the registry (other than an op's own name) and
-    no GPU appears in the frontend or the linear rewrite."""
+    no GPU appears in the frontend or the linear rewrite, and the models take no target."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "qoq_compiler"
@@ -194,3 +198,7 @@ def test_frontend_names_no_kernel_and_no_target():
         src = path.read_text()
         assert not [k for k in kernels if k in src], path
         assert "cuda" not in src.lower() and "gpu" not in src.lower(), path
+    from qoq_compiler.frontend.llama import LlamaForCausalLM, LlamaKV4ForCausalLM
+
+    for model in (LlamaForCausalLM, LlamaKV4ForCausalLM):
+        assert "target" not in inspect.signature(model.__init__).parameters

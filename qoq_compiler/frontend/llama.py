@@ -4,8 +4,8 @@ One float model for every precision: a quantization scheme changes the linear la
 ``passes.quantize_linears`` swaps each ``Linear`` for its quantized op) and the KV cache
 (``LlamaKV4ForCausalLM`` below); everything else is shared. The KV4 cache and greedy argmax emit
 QoQ ops (``ops``, handed in by the compiler: ``schedules.registry.OPS``), whose kernels the
-compiler's dispatch pass chooses per target, so this file names no kernel. The target reaches
-here only for TVM's float KV cache, which builds its own kernels.
+compiler's dispatch pass chooses per target, and TVM's float KV cache is a creation call that
+``passes.dispatch_kv_cache`` builds for the target: this file names no kernel and no target.
 
 Per layer, with ``x`` of shape [T, H] for T tokens of a ragged batch:
     qkv = RMSNorm(x) @ W_qkv^T (+ b_qkv)        [T, (Hq + 2 Hkv) D]    (q, k, v fused)
@@ -30,12 +30,17 @@ Entry points (all take the packed parameter tuple last):
 
 from __future__ import annotations
 
-from tvm import relax, tirx
+import json
+
+from tvm import ir, relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from ..config import ModelConfig
+
+#: the float model's KV-cache creation op (a packed-function call that ``passes.dispatch_kv_cache`` replaces)
+KV_CACHE_CREATE = "qoqc.create_paged_kv_cache"
 
 #: Entry points of the compiled module, in the order the runtime expects them (the KV4 model's
 #: cache is allocated by the runtime, so it has no ``create_kv_cache``).
@@ -131,12 +136,11 @@ class LlamaForCausalLM(nn.Module):
     """The whole model; parameter names are ``model.*`` and ``lm_head.weight`` (absent when tied).
 
     Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
-    ``ops``: how the model emits QoQ ops (``schedules.registry.OPS``, handed in by the compiler);
-    ``target``: TVM's float KV cache builds its kernels for it.
+    ``ops``: how the model emits QoQ ops (``schedules.registry.OPS``, handed in by the compiler).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, ops):
-        self.cfg, self.dtype, self.target, self.ops = cfg, dtype, target, ops
+    def __init__(self, cfg: ModelConfig, dtype: str, ops):
+        self.cfg, self.dtype, self.ops = cfg, dtype, ops
         self.model = Backbone(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
@@ -162,32 +166,17 @@ class LlamaForCausalLM(nn.Module):
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var,
                         prefill_chunk_size: tirx.Var, page_size: tirx.Var,
                         support_sliding_window: tirx.Var) -> PagedKVCache:
+        """TVM's paged KV cache, as a target-free creation call (``KV_CACHE_CREATE``: the cache's
+        configuration as JSON, then the sizes the runtime passes); ``passes.dispatch_kv_cache``
+        builds it with its attention kernels for the target."""
         cfg = self.cfg
-        return TIRPagedKVCache(
-            attn_kind="mha",
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, cfg.num_layers]),
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            qk_head_dim=cfg.head_dim,
-            v_head_dim=cfg.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
-            rope_scale=1,
-            rope_theta=cfg.rope_theta,
-            rope_scaling=dict(cfg.rope_scaling),
-            rope_ext_factors=relax.prim_value(0),
-            rotary_dim=cfg.head_dim,
-            enable_disaggregation=False,
-            dtype=self.dtype,
-            target=self.target,
-        )
+        config = {"num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+                  "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+                  "rope_scaling": dict(cfg.rope_scaling), "dtype": self.dtype}
+        sizes = relax.ShapeExpr([max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                 support_sliding_window])
+        return PagedKVCache(_expr=relax.op.call_pure_packed(KV_CACHE_CREATE, ir.StringImm(json.dumps(config)),
+                                                            sizes, ty_args=relax.AnyType()), _name="paged_kv_cache")
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         model = {"param_mode": "packed", "effect_mode": "none"}
@@ -276,8 +265,8 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, target, ops, page_size: int, kv_rotation: bool = False):
-        super().__init__(cfg, dtype, target, ops)
+    def __init__(self, cfg: ModelConfig, dtype: str, ops, page_size: int, kv_rotation: bool = False):
+        super().__init__(cfg, dtype, ops)
         self.page_size, self.kv_rotation = page_size, kv_rotation
 
     def _cache(self, prefill, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:
