@@ -39,7 +39,6 @@ from .frontend.synthetic import open_config
 from .passes.dispatch_kernels import dispatch_kernels
 from .passes.dispatch_kv_cache import dispatch_kv_cache
 from .passes.quantize_linears import QuantizeLinears
-from .passes.weight_layout import to_kernel_layout
 from .quant.convert import quantizer
 from .quant.kv_choice import choose_kv_rotation
 from .quant.qoq import quantize_model
@@ -278,7 +277,8 @@ def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, par
         job.say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
         return {"files": [], "names": [n for n, _, _ in params],
                 "random": {"seed": 0, "shapes": [list(s) for _, s, _ in params], "dtypes": [d for _, _, d in params]}}
-    quantize = quantizer(scheme, weights, layout=to_kernel_layout if scheme.weights == "int4" else None)
+    layout = registry.OPS.weight_layout("w4a8_linear") if scheme.weights == "int4" else None
+    quantize = quantizer(scheme, weights, layout=layout)
     try:
         shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), job.progress)
     except OSError as e:

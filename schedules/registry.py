@@ -37,6 +37,8 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.nn import op
 
 from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
+from qoq_compiler.layout import mma_parameters, mma_shapes
+
 from .reference import act_quant as act_quant_ref
 from .reference import argmax as argmax_ref
 from .reference import kv4 as kv4_ref
@@ -69,11 +71,17 @@ def _rope_q(qkv, positions, num_q_heads: int, theta: float, rope_scaling: dict):
 @dataclass(frozen=True)
 class Definition:
     """An op as the model emits it: ``build(**params)`` gives a PrimFunc, or with ``te`` a TE
-    function of the call's tensors; ``name(params)`` the emitted function's name."""
+    function of the call's tensors; ``name(params)`` the emitted function's name. Ops whose weights
+    a kernel reads in a layout of its own (W4A8: every kernel of it reads the MMA layout) name the
+    declared shapes (``weight_shapes(**params)``: parameter suffix -> shape) and the reordering of
+    the quantizers' NumPy parameters into it (``weight_layout``), which the compiler applies as it
+    writes the weights."""
 
     build: Callable
     te: bool = False
     name: Callable[[dict], str] | None = None
+    weight_shapes: Callable[..., dict] | None = None
+    weight_layout: Callable[[dict], dict] | None = None
 
 
 DEFINITIONS = {
@@ -81,7 +89,8 @@ DEFINITIONS = {
                             name=lambda p: p["kind"] if p["kind"] == "quantize" else p["kind"] + "_quantize"),
     "argmax": Definition(lambda vocab: argmax.argmax(vocab, False)),
     "w8a8_linear": Definition(lambda **p: partial(_w8a8_linear, **p), te=True),
-    "w4a8_linear": Definition(lambda n, k, **p: partial(_w4a8_linear, **p), te=True),
+    "w4a8_linear": Definition(lambda n, k, **p: partial(_w4a8_linear, **p), te=True,
+                              weight_shapes=mma_shapes, weight_layout=mma_parameters),
     "rope_q": Definition(lambda **p: partial(_rope_q, **p), te=True),
     "rope_q_rotated": Definition(lambda **p: kv4_attention.rope_q_rotated(**p, gpu=False)),
     "kv4_append": Definition(lambda **p: kv4_attention.kv4_append(**p, gpu=False)),
@@ -96,6 +105,14 @@ class Ops:
 
     def __init__(self, definitions: dict[str, Definition]):
         self.definitions = definitions
+
+    def weight_shapes(self, name: str, **params) -> dict[str, tuple[int, ...]]:
+        """Declared shapes of op ``name``'s weights in its kernels' layout (parameter suffix -> shape)."""
+        return self.definitions[name].weight_shapes(**params)
+
+    def weight_layout(self, name: str) -> Callable[[dict], dict]:
+        """The reordering of op ``name``'s quantized parameters into its kernels' layout."""
+        return self.definitions[name].weight_layout
 
     def emit(self, name: str, args: list, out=None, inplace: list[int] | None = None, **params):
         d = self.definitions[name]

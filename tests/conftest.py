@@ -138,7 +138,7 @@ def w4a8_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
     arguments in the kernel layouts; activations with per-token outliers."""
     import numpy as np
 
-    from qoq_compiler.passes.weight_layout import to_kernel_layout
+    from qoq_compiler.layout import mma_parameters
     from qoq_compiler.quant import reference as qref
     from qoq_compiler.quant.convert import weight_params
 
@@ -147,7 +147,7 @@ def w4a8_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
     x = rng.standard_normal((m, k)) * rng.uniform(0.5, 4, size=(m, 1))
     qx, sx = qref.quantize_per_token(x)
     qw = qref.per_channel_quantize(w) if group is None else qref.progressive_quantize(w, group=group)
-    p = to_kernel_layout(weight_params("w.weight", qw))
+    p = mma_parameters(weight_params("w.weight", qw))
     if group is None:
         extra = (p["w.weight_zero"], qx.sum(axis=1, keepdims=True, dtype=np.int32))
     else:

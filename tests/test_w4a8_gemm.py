@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qoq_compiler import layout
-from qoq_compiler.passes.weight_layout import mma_shapes, to_kernel_layout
+from qoq_compiler.layout import mma_parameters, mma_shapes
 from qoq_compiler.quant import reference as qref
 from qoq_compiler.quant.convert import weight_params
 from qoq_compiler.tvm_env import tvm
@@ -73,7 +73,7 @@ def test_weight_layout_transform_declares_and_fills_the_kernel_shapes():
     w = np.random.default_rng(2).standard_normal((40, 200)) * 0.05
     for group in (128, None):
         qw = qref.progressive_quantize(w, group=group) if group else qref.per_channel_quantize(w)
-        out = to_kernel_layout(weight_params("l.weight", qw))
+        out = mma_parameters(weight_params("l.weight", qw))
         for suffix, shape in mma_shapes(40, 200, group).items():
             assert out[f"l.{suffix}"].shape == shape
         assert (layout.unpack_uint4_mma(out["l.weight"], 40, 200) == qw.q).all()

@@ -24,7 +24,6 @@ from tvm.relax.frontend.nn import Tensor
 
 from ..config import QuantScheme
 from ..frontend.llama import AddRMSNorm, DecoderLayer, Linear
-from .weight_layout import mma_shapes
 
 
 class QuantizedActivation:
@@ -103,15 +102,14 @@ class W8A8Linear(nn.Module):
 class W4A8Linear(nn.Module):
     """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (op ``w4a8_linear``).
 
-    Parameters, in the GEMM's layout (``passes.weight_layout``): ``weight`` uint32 [out/32, in/32,
-    32, 4] (MMA layout), ``weight_scale`` fp16 [out] (s1); per group g: ``weight_group_scale`` /
-    ``weight_group_zero`` int8 [ceil(in/g), out/32 * 32] (s2, z2, MMA channel order); per channel:
-    ``weight_zero`` fp16 [out] (z), the activations' row sums coming with them (``xsum``);
-    ``bias`` fp32 [out].
+    Parameters: ``weight`` (the 4-bit codes) and, per group g, ``weight_group_scale`` /
+    ``weight_group_zero`` (s2, z2) in the layout the op's kernels read (shapes from ``ops``);
+    ``weight_scale`` fp16 [out] (s1); per channel: ``weight_zero`` fp16 [out] (z), the activations'
+    row sums coming with them (``xsum``); ``bias`` fp32 [out].
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, ops):
-        shapes = mma_shapes(out_features, in_features, group)
+        shapes = ops.weight_shapes("w4a8_linear", n=out_features, k=in_features, group=group)
         self.weight = nn.Parameter(shapes["weight"], "uint32")
         self.weight_scale = nn.Parameter((out_features,), "float16")
         if group is None:

@@ -8,7 +8,7 @@
                          clipping ratios searched first when ``clip``, then GPTQ when H is given
 
 ``weight_params(name, qw)`` -> the linear's parameters in the quantizers' layout (the compiler
-then reorders W4A8 ones for the GEMM: ``passes.weight_layout``):
+then reorders W4A8 ones into their kernels' layout: ``layout.mma_parameters``):
     Int8Weight         name int8 [N, K],  *.weight_scale fp16 [N]
     ProgressiveWeight  name uint8 codes [N, K],  *.weight_scale fp16 [N] (s1),
                        *.weight_group_scale int8 [N, G] (s2),  *.weight_group_zero int8 [N, G] (z2)
@@ -71,7 +71,7 @@ def quantizer(scheme: QuantScheme, weights: dict[str, QuantizedWeight] | None = 
 
     ``weights`` holds already quantized weights by parameter name (the QoQ passes' output); without
     it every weight is quantized by round-to-nearest. ``layout`` maps each linear's parameters into
-    the layout its kernel reads (the compiler's ``passes.weight_layout``).
+    the layout its kernels read (the registry's ``weight_layout`` of the op).
     """
     if scheme.weights == "float":
         return None
