@@ -202,3 +202,39 @@ def test_frontend_names_no_kernel_and_no_target():
 
     for model in (LlamaForCausalLM, LlamaKV4ForCausalLM):
         assert "target" not in inspect.signature(model.__init__).parameters
+
+
+def test_float_kv_cache_is_built_for_the_target():
+    """``dispatch_kv_cache``: the model's target-free creation call becomes TVM's paged KV cache for
+    the target, the function's parameters and the rest of the module unchanged."""
+    from qoq_compiler.config import ModelConfig
+    from qoq_compiler.frontend.llama import KV_CACHE_CREATE, LlamaForCausalLM
+    from qoq_compiler.passes.dispatch_kv_cache import dispatch_kv_cache
+    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+                      tie_word_embeddings=True, context_window=128)
+    model = LlamaForCausalLM(cfg, "float16", OPS)
+    before, _ = model.export_tvm(spec=model.get_default_spec())
+    assert KV_CACHE_CREATE in before["create_kv_cache"].script()
+    for target in (LLVM, CUDA):
+        with target:
+            after = dispatch_kv_cache(target)(before)
+        func = before["create_kv_cache"]
+        sizes = [p.ty.values[0] for p in func.params]
+        bb = relax.BlockBuilder(tvm.IRModule({gv: f for gv, f in before.functions_items()
+                                              if gv.name_hint != "create_kv_cache"}))
+        with bb.function("create_kv_cache", list(func.params), attrs=dict(func.attrs)):
+            with bb.dataflow():
+                cache = TIRPagedKVCache(
+                    attn_kind="mha", max_batch_size=sizes[0], max_total_seq_len=sizes[1],
+                    prefill_chunk_size=sizes[2], page_size=sizes[3], support_sliding_window=sizes[4],
+                    layer_partition=relax.ShapeExpr([0, 2]), num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, qk_head_dim=8, v_head_dim=8, mla_original_qk_head_dim=0,
+                    mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=1e4,
+                    rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=8, enable_disaggregation=False,
+                    dtype="float16", target=target)
+                out = bb.emit_output(cache._expr)
+            bb.emit_func_output(out)
+        tvm.ir.assert_structural_equal(after, bb.get(), map_free_vars=True)
