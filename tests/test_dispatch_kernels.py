@@ -238,3 +238,13 @@ def test_float_kv_cache_is_built_for_the_target():
                 out = bb.emit_output(cache._expr)
             bb.emit_func_output(out)
         tvm.ir.assert_structural_equal(after, bb.get(), map_free_vars=True)
+
+
+def test_every_kernel_has_a_reference_and_every_op_a_kernel_on_each_target():
+    """The registry's invariants: each kernel names its NumPy reference (``schedules/reference``),
+    and each op the model can emit has a kernel on llvm and on cuda."""
+    for k in REGISTRY.kernels:
+        assert k.reference.__module__.startswith("schedules.reference."), k.name
+    for op in OPS.definitions:
+        for kind in ("llvm", "cuda"):
+            assert any(k.op == op and kind in k.targets for k in REGISTRY.kernels), (op, kind)
