@@ -133,8 +133,8 @@ OPS = Ops(DEFINITIONS)
 
 @dataclass
 class Call:
-    """A tagged call the dispatch pass replaces: its builder, arguments, output struct info, the
-    function name it had, whether the target is a GPU, and its in-place arguments (or None)."""
+    """A tagged call the dispatch pass replaces: its builder, arguments, output type, the function
+    name it had, whether the target is a GPU, and its in-place arguments (or None)."""
 
     bb: relax.BlockBuilder
     args: list
@@ -145,6 +145,7 @@ class Call:
     built: dict = field(default_factory=dict)  # PrimFuncs built so far, shared by the pass's calls
 
     def func(self, key, build: Callable[[], tirx.PrimFunc]) -> tirx.PrimFunc:
+        """The PrimFunc ``build()`` makes, built once per pass for ``key``."""
         if key not in self.built:
             self.built[key] = build()
         return self.built[key]
@@ -226,9 +227,9 @@ def _linear_tail(call: Call, y: relax.Expr, y_dtype: str, p: dict, bias_index: i
 
 
 def _w4a8_portable(call: Call, p: dict) -> relax.Expr:
-    n_extra = 2
-    y = call.te(partial(w4a8_gemm.w4a8_matmul, group=p["group"]), call.args[:4 + n_extra], "w4a8_matmul")
-    return _linear_tail(call, y, "float32", p, 4 + n_extra)
+    """(qx, sx, qw, s1, e0, e1, [bias]): the TE GEMM in fp32, then bias and cast."""
+    y = call.te(partial(w4a8_gemm.w4a8_matmul, group=p["group"]), call.args[:6], "w4a8_matmul")
+    return _linear_tail(call, y, "float32", p, 6)
 
 
 def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
