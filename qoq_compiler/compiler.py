@@ -5,7 +5,9 @@ The only module that imports every stage. The model is exported as Relax IR that
 
     1. graph       Relax-level rewrites on the operator graph (X @ W^T without a transposed copy)
     2. dispatch    each QoQ op replaced by the target's kernel (``passes.dispatch_kernels``), TVM's
-                   float KV cache built for the target (``passes.dispatch_kv_cache``)
+                   float KV cache built for the target (``passes.dispatch_kv_cache``), the kernels'
+                   weight layouts taken out of the functions (``passes.lift_weight_layouts``): the
+                   compiler applies them as it writes the weights
     3. lower       legalize operators to TensorIR, fuse elementwise chains into their producers
     4. schedule    TensorIR schedule rules for the target (``schedules.pipeline.default_rules``)
     5. vm          memory planning and lowering to the Relax VM
@@ -38,6 +40,7 @@ from .frontend.loader import convert
 from .frontend.synthetic import open_config
 from .passes.dispatch_kernels import dispatch_kernels
 from .passes.dispatch_kv_cache import dispatch_kv_cache
+from .passes.lift_weight_layouts import lift_weight_layouts, take_lifted_layouts
 from .passes.quantize_linears import QuantizeLinears
 from .quant.convert import quantizer
 from .quant.kv_choice import choose_kv_rotation
@@ -114,7 +117,7 @@ def pipeline_phases(target, allow_portable: bool = False, log=None) -> list[tupl
     return [
         ("graph", seq([t.FuseTransposeMatmul()])),
         ("dispatch", seq([dispatch_kernels(target, registry.REGISTRY, allow_portable, log),
-                          dispatch_kv_cache(target)])),
+                          dispatch_kv_cache(target), lift_weight_layouts(registry.WEIGHT_LAYOUT_ATTR)])),
         ("lower", seq([t.LegalizeOps(), t.AnnotateTIROpPattern(), t.FoldConstant(), t.FuseOps(),
                        t.FuseTIR(), t.DeadCodeElimination()])),
         ("schedule", pipeline.schedule(target)),
@@ -168,8 +171,9 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
     ``verbose``: print each kernel choice; ``allow_portable_kernels``: let a CUDA W4A8 linear of a
     shape the tensor-core GEMM does not take run on the portable kernel instead of failing.
 
-    Stages, each a function below: load, quantize, export, write the weights, passes, build, write
-    the artifact; the artifact directory appears whole or not at all (``runtime.artifact.writing``)."""
+    Stages, each a function below: load, quantize, export, passes, write the weights (in the
+    layouts the passes chose), build, write the artifact; the artifact directory appears whole or
+    not at all (``runtime.artifact.writing``)."""
     job = _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, random_weights, verbose,
                allow_portable_kernels)
     with writing(job.out) as tmp:
@@ -179,9 +183,9 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
         dump = _ir_dumper(tmp / "ir" if dump_ir else None)
         phases = pipeline_phases(job.tgt, allow_portable_kernels, tqdm.write if verbose else None)
         mod, params = _export(job, ckpt.config, scheme, phases, dump)
-        params_doc = _write_weights(job, tmp, ckpt, scheme, weights, params)
         bar = tqdm(total=len(phases) + 2, desc="build", unit="phase", disable=not progress)
-        mod = _passes(job, mod, phases, dump, bar)
+        mod, layouts = _passes(job, mod, phases, dump, bar)
+        params_doc = _write_weights(job, tmp, ckpt, scheme, weights, params, layouts)
         device_code = _build(job, mod, tmp, bar)
         bar.close()
         _write_artifact(job, tmp, ckpt, scheme, params_doc, device_code)
@@ -269,32 +273,57 @@ def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
     return mod, [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
 
 
-def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, params) -> dict:
-    """Stage weights: every parameter converted (quantized, in its kernel's layout) and written as
+def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, params, layouts: dict) -> dict:
+    """Stage weights: every parameter converted (quantized, then reordered into its kernel's layout
+    by the layouts the passes lifted: ``layouts`` {index: (PrimFunc, shape, dtype)}) and written as
     safetensors shards, or with random weights only their shapes recorded. Returns the manifest's
     ``params``."""
     if job.random_weights:
         job.say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
-        return {"files": [], "names": [n for n, _, _ in params],
-                "random": {"seed": 0, "shapes": [list(s) for _, s, _ in params], "dtypes": [d for _, _, d in params]}}
-    layout = registry.OPS.weight_layout("w4a8_linear") if scheme.weights == "int4" else None
-    quantize = quantizer(scheme, weights, layout=layout)
+        stored = [(n, *layouts[i][1:]) if i in layouts else (n, s, d) for i, (n, s, d) in enumerate(params)]
+        return {"files": [], "names": [n for n, _, _ in stored],
+                "random": {"seed": 0, "shapes": [list(s) for _, s, _ in stored], "dtypes": [d for _, _, d in stored]}}
+    reorder = _weight_layouts(layouts)
+    converted = ((name, reorder(i, arr)) for i, (name, arr) in enumerate(convert(ckpt, params, quantizer(scheme,
+                                                                                                         weights))))
     try:
-        shards = _write_params(tmp, convert(ckpt, params, quantize), len(params), job.progress)
+        shards = _write_params(tmp, converted, len(params), job.progress)
     except OSError as e:
         raise QoqcError(f"cannot write the weights into {job.out}: {e.strerror or e}") from None
     return {"files": shards, "names": [n for n, _, _ in params]}
 
 
 def _passes(job: _Job, mod, phases, dump, bar):
-    """Stage passes: the phases in order (``pipeline_phases``), each one's output dumped."""
+    """Stage passes: the phases in order (``pipeline_phases``), each one's output dumped. Returns
+    (module, the weight layouts lifted by the dispatch phase: ``take_lifted_layouts``)."""
+    layouts = {}
     with job.tgt:
         for name, phase in phases:
             bar.set_postfix_str(name)
             mod = phase(mod)
             dump("quantize" if name == "graph" else name, mod)
+            if name == "dispatch":
+                mod, layouts = take_lifted_layouts(mod)
             bar.update()
-    return mod
+    return mod, layouts
+
+
+def _weight_layouts(layouts: dict):
+    """``reorder(index, array)``: parameter ``index`` through its lifted layout PrimFunc (built for
+    this CPU once), or unchanged."""
+    if not layouts:
+        return lambda _i, arr: arr
+    funcs = {f"layout_{i}": f.with_attr("global_symbol", f"layout_{i}") for i, (f, _, _) in layouts.items()}
+    lib = tvm.compile(tvm.IRModule(funcs), target=_host_target())
+
+    def reorder(i: int, arr):
+        if i not in layouts:
+            return arr
+        out = tvm.runtime.empty(layouts[i][1], layouts[i][2])
+        lib[f"layout_{i}"](tvm.runtime.tensor(arr), out)
+        return out.numpy()
+
+    return reorder
 
 
 def _build(job: _Job, mod, tmp: Path, bar) -> dict | None:

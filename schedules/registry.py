@@ -21,8 +21,11 @@ Two halves, handed in by the compiler (the frontend and ``passes`` import no ker
                                                         + kv4_merge
 
 Each kernel names its NumPy reference (``schedules/reference``), which its tests compare it with.
-A new kernel is a module in ``schedules/`` and a ``Kernel`` entry here, in front of the kernels it
-should win over. Every op except W4A8 has a kernel on every target; a CUDA W4A8 linear that falls
+The model declares weights as the quantizers write them; a kernel that reads a weight in a layout
+of its own reorders it with a tagged PrimFunc (``Call.weight_layout``; the W4A8 kernels: the MMA
+layout), which ``passes.lift_weight_layouts`` moves to compile time. A new kernel is a module in
+``schedules/`` and a ``Kernel`` entry here, in front of the kernels it should win over, bringing
+its layout with it. Every op except W4A8 has a kernel on every target; a CUDA W4A8 linear that falls
 back to the portable GEMM is refused by the dispatch pass unless it is asked to allow it.
 """
 
@@ -37,8 +40,6 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.nn import op
 
 from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
-from qoq_compiler.layout import mma_parameters, mma_shapes
-
 from .reference import act_quant as act_quant_ref
 from .reference import argmax as argmax_ref
 from .reference import kv4 as kv4_ref
@@ -46,6 +47,8 @@ from .reference import w4a8_gemm as w4a8_ref
 from .reference import w8a8_gemm as w8a8_ref
 
 KERNEL_ATTR, PARAMS_ATTR = "qoq.kernel", "qoq.params"
+#: marks a kernel's weight reordering (``Call.weight_layout``)
+WEIGHT_LAYOUT_ATTR = "qoq.weight_layout"
 
 
 def _bias_cast(y: te.Tensor, bias: te.Tensor | None, dtype: str) -> te.Tensor:
@@ -53,10 +56,11 @@ def _bias_cast(y: te.Tensor, bias: te.Tensor | None, dtype: str) -> te.Tensor:
                       name="y_out")
 
 
-def _w4a8_linear(qx, sx, qw, s1, *rest, group: int | None, bias: bool, dtype: str):
-    """Definition of ``w4a8_linear``: (qx, sx, qw, s1, *extra, [bias]) -> y [..., N] in ``dtype``."""
+def _w4a8_linear(qx, sx, q, s1, *rest, group: int | None, bias: bool, dtype: str):
+    """Definition of ``w4a8_linear``: (qx, sx, q, s1, *extra, [bias]) with the weights as the
+    quantizers write them -> y [..., N] in ``dtype``."""
     extra, b = (rest[:-1], rest[-1]) if bias else (rest, None)
-    return _bias_cast(w4a8_gemm.w4a8_matmul(qx, sx, qw, s1, *extra, group=group), b, dtype)
+    return _bias_cast(w4a8_gemm.w4a8_matmul_definition(qx, sx, q, s1, *extra, group=group), b, dtype)
 
 
 def _w8a8_linear(qx, sx, qw, sw, *rest, bias: bool, dtype: str):
@@ -71,17 +75,11 @@ def _rope_q(qkv, positions, num_q_heads: int, theta: float, rope_scaling: dict):
 @dataclass(frozen=True)
 class Definition:
     """An op as the model emits it: ``build(**params)`` gives a PrimFunc, or with ``te`` a TE
-    function of the call's tensors; ``name(params)`` the emitted function's name. Ops whose weights
-    a kernel reads in a layout of its own (W4A8: every kernel of it reads the MMA layout) name the
-    declared shapes (``weight_shapes(**params)``: parameter suffix -> shape) and the reordering of
-    the quantizers' NumPy parameters into it (``weight_layout``), which the compiler applies as it
-    writes the weights."""
+    function of the call's tensors; ``name(params)`` the emitted function's name."""
 
     build: Callable
     te: bool = False
     name: Callable[[dict], str] | None = None
-    weight_shapes: Callable[..., dict] | None = None
-    weight_layout: Callable[[dict], dict] | None = None
 
 
 DEFINITIONS = {
@@ -89,8 +87,7 @@ DEFINITIONS = {
                             name=lambda p: p["kind"] if p["kind"] == "quantize" else p["kind"] + "_quantize"),
     "argmax": Definition(lambda vocab: argmax.argmax(vocab, False)),
     "w8a8_linear": Definition(lambda **p: partial(_w8a8_linear, **p), te=True),
-    "w4a8_linear": Definition(lambda n, k, **p: partial(_w4a8_linear, **p), te=True,
-                              weight_shapes=mma_shapes, weight_layout=mma_parameters),
+    "w4a8_linear": Definition(lambda n, k, **p: partial(_w4a8_linear, **p), te=True),
     "rope_q": Definition(lambda **p: partial(_rope_q, **p), te=True),
     "rope_q_rotated": Definition(lambda **p: kv4_attention.rope_q_rotated(**p, gpu=False)),
     "kv4_append": Definition(lambda **p: kv4_attention.kv4_append(**p, gpu=False)),
@@ -105,14 +102,6 @@ class Ops:
 
     def __init__(self, definitions: dict[str, Definition]):
         self.definitions = definitions
-
-    def weight_shapes(self, name: str, **params) -> dict[str, tuple[int, ...]]:
-        """Declared shapes of op ``name``'s weights in its kernels' layout (parameter suffix -> shape)."""
-        return self.definitions[name].weight_shapes(**params)
-
-    def weight_layout(self, name: str) -> Callable[[dict], dict]:
-        """The reordering of op ``name``'s quantized parameters into its kernels' layout."""
-        return self.definitions[name].weight_layout
 
     def emit(self, name: str, args: list, out=None, inplace: list[int] | None = None, **params):
         d = self.definitions[name]
@@ -161,9 +150,14 @@ class Call:
             return relax.call_tir_inplace(gv, args, inplace, out)
         return relax.call_tir(gv, args, out)
 
-    def te(self, func: Callable, args, name: str) -> relax.Expr:
+    def te(self, func: Callable, args, name: str, attrs: dict | None = None) -> relax.Expr:
         """The call of the PrimFunc of TE function ``func`` on ``args``."""
-        return self.bb.call_te(func, *args, primfunc_name_hint=name)
+        return self.bb.call_te(func, *args, primfunc_name_hint=name, primfunc_attrs=attrs)
+
+    def weight_layout(self, func: Callable, arg, name: str) -> relax.Var:
+        """A weight reordered into a kernel's layout by TE function ``func``: tagged
+        ``WEIGHT_LAYOUT_ATTR``, so ``passes.lift_weight_layouts`` moves it to compile time."""
+        return self.emit(self.te(func, [arg], name, {WEIGHT_LAYOUT_ATTR: True}))
 
     def emit(self, expr: relax.Expr) -> relax.Var:
         """``expr`` bound to a variable (kernels emit every step but the last, which replaces the call)."""
@@ -226,16 +220,29 @@ def _linear_tail(call: Call, y: relax.Expr, y_dtype: str, p: dict, bias_index: i
     return y if y_dtype == p["dtype"] else relax.op.astype(call.emit(y), p["dtype"])
 
 
+def _mma_weights(call: Call, p: dict) -> list:
+    """(qw, s1, e0, e1) with the codes, and per group s2 and z2, reordered into the MMA layout
+    (``layout.pack_uint4_mma``), which both W4A8 kernels read."""
+    q, s1, e0, e1 = call.args[2:6]
+    qw = call.weight_layout(w4a8_gemm.mma_pack_codes, q, "mma_pack_codes")
+    if p["group"] is not None:
+        e0 = call.weight_layout(w4a8_gemm.mma_channel_columns, e0, "mma_channel_columns")
+        e1 = call.weight_layout(w4a8_gemm.mma_channel_columns, e1, "mma_channel_columns")
+    return [qw, s1, e0, e1]
+
+
 def _w4a8_portable(call: Call, p: dict) -> relax.Expr:
-    """(qx, sx, qw, s1, e0, e1, [bias]): the TE GEMM in fp32, then bias and cast."""
-    y = call.te(partial(w4a8_gemm.w4a8_matmul, group=p["group"]), call.args[:6], "w4a8_matmul")
+    """(qx, sx, q, s1, e0, e1, [bias]): weights into the MMA layout, the TE GEMM in fp32, then bias and cast."""
+    weights = _mma_weights(call, p)
+    y = call.te(partial(w4a8_gemm.w4a8_matmul, group=p["group"]), [*call.args[:2], *weights], "w4a8_matmul")
     return _linear_tail(call, y, "float32", p, 6)
 
 
 def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
     """[..., K] -> [tokens, K] -> tensor-core GEMM -> fp16 [tokens, N] -> [..., N]."""
     n, k, group = p["n"], p["k"], p["group"]
-    qx, sx, qw, s1, e0, e1 = call.args[:6]
+    qx, sx = call.args[:2]
+    qw, s1, e0, e1 = _mma_weights(call, p)
     lead = _lead(qx)
     qx, sx = call.emit(relax.op.reshape(qx, (-1, k))), call.emit(relax.op.reshape(sx, (-1, 1)))
     if group is None:

@@ -111,3 +111,56 @@ def w4a8_gemm(k: int, n: int, group: int | None) -> tirx.PrimFunc:
     psum = _psum(qx, qw, extra, n, group)
     y = _epilogue(psum, sx, s1, extra, group, "float16")
     return te.create_prim_func([qx, sx, qw, s1, *extra, psum, y])
+
+
+def _logical_weight(q, extra, group):
+    """Level-2 int8 weight (n, k) from the quantizers' layout: q uint8 [N, K]; per group
+    (s2, z2) int8 [N, G]."""
+    if group is None:
+        return lambda j, kk: q[j, kk].astype("int32")
+    s2, z2 = extra
+    return lambda j, kk: q[j, kk].astype("int32") * s2[j, kk // group].astype("int32") \
+        - z2[j, kk // group].astype("int32")
+
+
+def w4a8_matmul_definition(qx: te.Tensor, sx: te.Tensor, q: te.Tensor, s1: te.Tensor, *extra: te.Tensor,
+                           group: int | None = None) -> te.Tensor:
+    """``w4a8_matmul`` on the weights as the quantizers write them (codes uint8 [N, K]; per group
+    s2, z2 int8 [N, G]; per channel z, xsum as there): the op's definition, which names no kernel
+    layout. -> y [..., N] fp32."""
+    *lead, k = qx.shape
+    n = q.shape[0]
+    r = te.reduce_axis((0, k), name="k")
+    weight = _logical_weight(q, extra, group)
+    psum = te.compute((*lead, n), lambda *i: te.sum(qx[(*i[:-1], r)].astype("int32") * weight(i[-1], r), axis=r),
+                      name="psum")
+    return _epilogue(psum, sx, s1, extra, group, "float32")
+
+
+def mma_pack_codes(q: te.Tensor) -> te.Tensor:
+    """Codes uint8 [N, K] -> the MMA layout uint32 [N/32, K/32, 32, 4] (``layout.pack_uint4_mma``, in
+    TE): word (nt, kt, lane, w) holds, in byte r and nibble h, the code of channel
+    32 nt + 16 h + 8 (w % 2) + lane // 4 at input 32 kt + 16 (w // 2) + 4 (lane % 4) + r; zero past N, K."""
+    n, k = (int(d) for d in q.shape)
+    rh = te.reduce_axis((0, 8), name="rh")
+
+    def word(nt, kt, lane, w):
+        ch = nt * 32 + rh % 2 * 16 + w % 2 * 8 + lane // 4
+        kk = kt * 32 + w // 2 * 16 + lane % 4 * 4 + rh // 2
+        code = tirx.if_then_else(tirx.all(ch < n, kk < k), q[tirx.min(ch, n - 1), tirx.min(kk, k - 1)],
+                                 tirx.const(0, "uint8")).astype("uint32")
+        return te.sum(code << (rh // 2 * 8 + rh % 2 * 4).astype("uint32"), axis=rh)
+
+    return te.compute((ceildiv(n, 32), ceildiv(k, 32), 32, 4), word, name="mma_codes")
+
+
+def mma_channel_columns(v: te.Tensor) -> te.Tensor:
+    """Per-channel rows int8 [N, G] -> [G, N/32 * 32] in MMA channel order (``layout.to_mma_channel_order``
+    then transposed, in TE), zero past N."""
+    n, g = (int(d) for d in v.shape)
+
+    def value(gi, pos):
+        ch = pos // 32 * 32 + pos % 4 * 8 + pos % 32 // 4
+        return tirx.if_then_else(ch < n, v[tirx.min(ch, n - 1), gi], tirx.const(0, v.dtype))
+
+    return te.compute((g, ceildiv(n, 32) * 32), value, name="mma_columns")

@@ -138,7 +138,7 @@ def w4a8_case(m: int, n: int, k: int, group: int | None, seed: int = 0):
     arguments in the kernel layouts; activations with per-token outliers."""
     import numpy as np
 
-    from qoq_compiler.layout import mma_parameters
+    from schedules.reference.w4a8_gemm import mma_parameters
     from qoq_compiler.quant import reference as qref
     from qoq_compiler.quant.convert import weight_params
 

@@ -14,7 +14,7 @@ from qoq_compiler.errors import QoqcError
 from qoq_compiler.passes.dispatch_kernels import dispatch_kernels
 from qoq_compiler.tvm_env import tvm
 from schedules import act_quant, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc
-from schedules.registry import OPS, REGISTRY
+from schedules.registry import OPS, REGISTRY, WEIGHT_LAYOUT_ATTR
 from tvm import relax, tirx
 from tvm.relax.frontend.nn import Tensor
 
@@ -39,15 +39,25 @@ def _before(params, op: str, out=None, inplace=None, **op_params) -> tvm.IRModul
     return _module(params, body)
 
 
-def _linear_params(k: int, n: int, bias: bool):
+def _linear_params(k: int, n: int, bias: bool, group: int = 128):
+    """A W4A8 linear's arguments, weights as the quantizers write them (what the model declares)."""
     t = tirx.Var("t", "int64")
     return [relax.Var("qx", relax.TensorType((1, t, k), "int8")),
             relax.Var("sx", relax.TensorType((1, t, 1), "float16")),
-            relax.Var("qw", relax.TensorType((n // 32, k // 32, 32, 4), "uint32")),
+            relax.Var("q", relax.TensorType((n, k), "uint8")),
             relax.Var("s1", relax.TensorType((n,), "float16")),
-            relax.Var("s2", relax.TensorType((-(-k // 128), n), "int8")),
-            relax.Var("z2", relax.TensorType((-(-k // 128), n), "int8")),
+            relax.Var("s2", relax.TensorType((n, -(-k // group)), "int8")),
+            relax.Var("z2", relax.TensorType((n, -(-k // group)), "int8")),
             *([relax.Var("b", relax.TensorType((n,), "float32"))] if bias else [])]
+
+
+def _mma(bb, q, s2, z2):
+    """The weights reordered into the MMA layout, as both W4A8 kernels do (tagged for lifting)."""
+    tag = {WEIGHT_LAYOUT_ATTR: True}
+    return [bb.emit(bb.call_te(f, a, primfunc_name_hint=name, primfunc_attrs=tag))
+            for f, a, name in ((w4a8_gemm.mma_pack_codes, q, "mma_pack_codes"),
+                               (w4a8_gemm.mma_channel_columns, s2, "mma_channel_columns"),
+                               (w4a8_gemm.mma_channel_columns, z2, "mma_channel_columns"))]
 
 
 def _dispatch(mod, target, **kw):
@@ -59,7 +69,8 @@ def test_w4a8_linear_on_llvm_is_the_portable_gemm_then_bias_and_cast():
     params = _linear_params(256, 64, bias=True)
     before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
 
-    def expected(bb, qx, sx, qw, s1, s2, z2, b):
+    def expected(bb, qx, sx, q, s1, s2, z2, b):
+        qw, s2, z2 = _mma(bb, q, s2, z2)
         y = bb.emit_te(partial(w4a8_gemm.w4a8_matmul, group=128), qx, sx, qw, s1, s2, z2,
                        primfunc_name_hint="w4a8_matmul")
         y = bb.emit(relax.op.add(y, b))
@@ -72,7 +83,8 @@ def test_w4a8_linear_on_cuda_is_the_tensor_core_gemm_on_token_rows():
     params = _linear_params(256, 64, bias=True)
     before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
 
-    def expected(bb, qx, sx, qw, s1, s2, z2, b):
+    def expected(bb, qx, sx, q, s1, s2, z2, b):
+        qw, s2, z2 = _mma(bb, q, s2, z2)
         lead = list(qx.ty.shape.values[:-1])
         qx2 = bb.emit(relax.op.reshape(qx, (-1, 256)))
         sx2 = bb.emit(relax.op.reshape(sx, (-1, 1)))
@@ -87,16 +99,15 @@ def test_w4a8_linear_on_cuda_is_the_tensor_core_gemm_on_token_rows():
 
 
 def test_portable_w4a8_on_cuda_is_refused_unless_allowed():
-    params = _linear_params(96, 64, bias=False)  # K = 96 is 32-aligned, but groups of 48 are not
-    before = _before(params[:4] + [relax.Var("s2", relax.TensorType((2, 64), "int8")),
-                                   relax.Var("z2", relax.TensorType((2, 64), "int8"))],
-                     "w4a8_linear", n=64, k=96, group=48, bias=False, dtype="float16")
+    params = _linear_params(96, 64, bias=False, group=48)  # K = 96 is 32-aligned, but groups of 48 are not
+    before = _before(params, "w4a8_linear", n=64, k=96, group=48, bias=False, dtype="float16")
     with pytest.raises(QoqcError, match="--allow-portable-kernels"):
         _dispatch(before, CUDA)
     lines = []
     after = _dispatch(before, CUDA, allow_portable=True, log=lines.append)
     assert lines == ["qoqc: dispatch: w4a8_linear bias=False dtype=float16 group=48 k=96 n=64 -> w4a8_matmul"]
-    assert [gv.name_hint for gv, _ in after.functions_items() if isinstance(_, tirx.PrimFunc)] == ["w4a8_matmul"]
+    assert sorted(gv.name_hint for gv, f in after.functions_items() if isinstance(f, tirx.PrimFunc)) == [
+        "mma_channel_columns", "mma_pack_codes", "w4a8_matmul"]
 
 
 @pytest.mark.parametrize("target", [LLVM, CUDA], ids=["llvm", "cuda"])
@@ -182,6 +193,8 @@ def test_compiled_model_names_its_target_only_after_dispatch(quant, tiny_dirs, t
         ir[target] = {p.stem: p.read_text() for p in (out / "ir").glob("0*.py")}
         generic = "qoq.kernel" if quant != "fp16" else KV_CACHE_CREATE
         assert generic in ir[target]["02-quantize"] and generic not in ir[target]["03-dispatch"]
+        # the W4A8 weights' reordering left the functions: the artifact holds them in the MMA layout
+        assert "cls.mma_pack_codes" not in ir[target]["03-dispatch"]
     if "cuda" in ir:
         assert ir["llvm"]["02-quantize"] == ir["cuda"]["02-quantize"]
         assert "threadIdx" in ir["cuda"]["03-dispatch"] and "threadIdx" not in ir["llvm"]["03-dispatch"]
@@ -248,3 +261,39 @@ def test_every_kernel_has_a_reference_and_every_op_a_kernel_on_each_target():
     for op in OPS.definitions:
         for kind in ("llvm", "cuda"):
             assert any(k.op == op and kind in k.targets for k in REGISTRY.kernels), (op, kind)
+
+
+def test_weight_layouts_are_lifted_out_of_the_functions():
+    """``lift_weight_layouts``: a tagged reordering of a packed parameter leaves the function, the
+    parameter takes the reordered type, and the module records which layout it needs."""
+    from qoq_compiler.passes.lift_weight_layouts import lift_weight_layouts, take_lifted_layouts
+    from tvm import te
+
+    def transpose(w):
+        return te.compute((w.shape[1], w.shape[0]), lambda i, j: w[j, i], name="t")
+
+    def add(x, w):
+        return te.compute(x.shape, lambda i, j: x[i, j] + w[i, j], name="y")
+
+    def module(reordered: bool):
+        x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+        w_ty, v_ty = relax.TensorType((8, 4) if not reordered else (4, 8), "float32"), relax.TensorType((3,), "int8")
+        packed = relax.Var("packed_params", relax.TupleType([v_ty, w_ty]))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x, packed], attrs={"num_input": 1}):
+            with bb.dataflow():
+                w = bb.emit(relax.TupleGetItem(packed, 1))
+                if not reordered:
+                    w = bb.emit(bb.call_te(transpose, w, primfunc_name_hint="transpose",
+                                           primfunc_attrs={WEIGHT_LAYOUT_ATTR: True}))
+                out = bb.emit_output(bb.call_te(add, x, w, primfunc_name_hint="add"))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    before = module(reordered=False)
+    after, layouts = take_lifted_layouts(lift_weight_layouts(WEIGHT_LAYOUT_ATTR)(before))
+    expected = module(reordered=True)
+    kept = tvm.IRModule({gv: f for gv, f in after.functions_items() if gv.name_hint != "transpose"})  # unused now
+    tvm.ir.assert_structural_equal(kept, expected)
+    assert list(layouts) == [1] and layouts[1][1:] == ((4, 8), "float32")
+    tvm.ir.assert_structural_equal(layouts[1][0], before["transpose"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qoq_compiler import layout
-from qoq_compiler.layout import mma_parameters, mma_shapes
+from schedules.reference.w4a8_gemm import mma_parameters, mma_shapes
 from qoq_compiler.quant import reference as qref
 from qoq_compiler.quant.convert import weight_params
 from qoq_compiler.tvm_env import tvm
@@ -79,6 +79,27 @@ def test_weight_layout_transform_declares_and_fills_the_kernel_shapes():
         assert (layout.unpack_uint4_mma(out["l.weight"], 40, 200) == qw.q).all()
         if group:
             assert (out["l.weight_group_zero"][:, layout.mma_channel_position(np.arange(40))].T == qw.z2).all()
+
+
+@pytest.mark.parametrize("n,k,group", [(40, 200, 128), (64, 576, 128), (24, 172, 64), (16, 96, None)])
+def test_layout_primfuncs_equal_the_numpy_layout(n, k, group):
+    """The kernels' weight reorderings in TE (run at compile time by ``passes.lift_weight_layouts``)
+    write exactly what ``mma_parameters`` writes, padding included."""
+    from tvm import te
+
+    w = np.random.default_rng(n + k).standard_normal((n, k)) * 0.05
+    qw = qref.progressive_quantize(w, group=group) if group else qref.per_channel_quantize(w)
+    logical = weight_params("l.weight", qw)
+    expected = mma_parameters(logical)
+    cases = [("l.weight", w4a8_gemm.mma_pack_codes)]
+    if group:
+        cases += [("l.weight_group_scale", w4a8_gemm.mma_channel_columns),
+                  ("l.weight_group_zero", w4a8_gemm.mma_channel_columns)]
+    for name, layout_func in cases:
+        src = te.placeholder(logical[name].shape, str(logical[name].dtype), name="src")
+        (got,) = _run(te.create_prim_func([src, layout_func(src)]).with_attr("global_symbol", "main"),
+                      logical[name], out_shapes=[(expected[name].shape, expected[name].dtype)])
+        assert (got == expected[name]).all(), name
 
 
 def _run(func, *arrays, out_shapes):

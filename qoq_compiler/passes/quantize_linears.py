@@ -23,6 +23,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
 from ..config import QuantScheme
+from ..formats import ceildiv
 from ..frontend.llama import AddRMSNorm, DecoderLayer, Linear
 
 
@@ -102,21 +103,22 @@ class W8A8Linear(nn.Module):
 class W4A8Linear(nn.Module):
     """y = W4A8 GEMM(per-token int8 x, UINT4 W) (+ b), QoQ's linear layer (op ``w4a8_linear``).
 
-    Parameters: ``weight`` (the 4-bit codes) and, per group g, ``weight_group_scale`` /
-    ``weight_group_zero`` (s2, z2) in the layout the op's kernels read (shapes from ``ops``);
-    ``weight_scale`` fp16 [out] (s1); per channel: ``weight_zero`` fp16 [out] (z), the activations'
-    row sums coming with them (``xsum``); ``bias`` fp32 [out].
+    Parameters as the quantizers write them (``quant.convert.weight_params``): ``weight`` uint8
+    codes [out, in], ``weight_scale`` fp16 [out] (s1); per group g: ``weight_group_scale`` /
+    ``weight_group_zero`` int8 [out, ceil(in/g)] (s2, z2); per channel: ``weight_zero`` fp16 [out]
+    (z), the activations' row sums coming with them (``xsum``); ``bias`` fp32 [out]. The kernel
+    the dispatch pass chooses reorders them into its own layout, and the compiler does that once,
+    as it writes the weights (``passes.lift_weight_layouts``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None, ops):
-        shapes = ops.weight_shapes("w4a8_linear", n=out_features, k=in_features, group=group)
-        self.weight = nn.Parameter(shapes["weight"], "uint32")
+        self.weight = nn.Parameter((out_features, in_features), "uint8")
         self.weight_scale = nn.Parameter((out_features,), "float16")
         if group is None:
             self.weight_zero = nn.Parameter((out_features,), "float16")
         else:
-            self.weight_group_scale = nn.Parameter(shapes["weight_group_scale"], "int8")
-            self.weight_group_zero = nn.Parameter(shapes["weight_group_zero"], "int8")
+            self.weight_group_scale = nn.Parameter((out_features, ceildiv(in_features, group)), "int8")
+            self.weight_group_zero = nn.Parameter((out_features, ceildiv(in_features, group)), "int8")
         self.bias = nn.Parameter((out_features,), "float32") if bias else None
         self.dtype, self.group, self.ops = dtype, group, ops
 
