@@ -275,12 +275,12 @@ def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
 
 def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, params, layouts: dict) -> dict:
     """Stage weights: every parameter converted (quantized, then reordered into its kernel's layout
-    by the layouts the passes lifted: ``layouts`` {index: (PrimFunc, shape, dtype)}) and written as
+    by the layouts the passes lifted: ``layouts`` {index: (name, PrimFunc, shape, dtype)}) and written as
     safetensors shards, or with random weights only their shapes recorded. Returns the manifest's
     ``params``."""
     if job.random_weights:
         job.say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
-        stored = [(n, *layouts[i][1:]) if i in layouts else (n, s, d) for i, (n, s, d) in enumerate(params)]
+        stored = [(n, *layouts[i][2:]) if i in layouts else (n, s, d) for i, (n, s, d) in enumerate(params)]
         return {"files": [], "names": [n for n, _, _ in stored],
                 "random": {"seed": 0, "shapes": [list(s) for _, s, _ in stored], "dtypes": [d for _, _, d in stored]}}
     reorder = _weight_layouts(layouts)
@@ -309,18 +309,19 @@ def _passes(job: _Job, mod, phases, dump, bar):
 
 
 def _weight_layouts(layouts: dict):
-    """``reorder(index, array)``: parameter ``index`` through its lifted layout PrimFunc (built for
-    this CPU once), or unchanged."""
+    """``reorder(index, array)``: parameter ``index`` through its lifted layout PrimFunc (each
+    distinct one built for this CPU once), or unchanged."""
     if not layouts:
         return lambda _i, arr: arr
-    funcs = {f"layout_{i}": f.with_attr("global_symbol", f"layout_{i}") for i, (f, _, _) in layouts.items()}
+    funcs = {name: f.with_attr("global_symbol", name) for name, f, _, _ in layouts.values()}
     lib = tvm.compile(tvm.IRModule(funcs), target=_host_target())
 
     def reorder(i: int, arr):
         if i not in layouts:
             return arr
-        out = tvm.runtime.empty(layouts[i][1], layouts[i][2])
-        lib[f"layout_{i}"](tvm.runtime.tensor(arr), out)
+        name, _, shape, dtype = layouts[i]
+        out = tvm.runtime.empty(shape, dtype)
+        lib[name](tvm.runtime.tensor(arr), out)
         return out.numpy()
 
     return reorder

@@ -91,9 +91,10 @@ def lift_weight_layouts(layout_attr: str) -> "ir.transform.Pass":
     return lift
 
 
-def take_lifted_layouts(mod: ir.IRModule) -> tuple[ir.IRModule, dict[int, tuple[tirx.PrimFunc, tuple[int, ...], str]]]:
-    """(module without the record, what the pass recorded: {parameter index: (layout PrimFunc,
-    reordered shape, dtype)})."""
+def take_lifted_layouts(mod: ir.IRModule) -> tuple[ir.IRModule, dict[int, tuple[str, tirx.PrimFunc, tuple[int, ...],
+                                                                                str]]]:
+    """(module without the record, what the pass recorded: {parameter index: (layout function's
+    name, layout PrimFunc, reordered shape, dtype)}; parameters of one shape share one layout)."""
     if mod.attrs is None or LIFTED not in mod.attrs:
         return mod, {}
     packed = next(_packed(f) for _, f in mod.functions_items()
@@ -101,5 +102,5 @@ def take_lifted_layouts(mod: ir.IRModule) -> tuple[ir.IRModule, dict[int, tuple[
     out = {}
     for i, name in mod.attrs[LIFTED].items():
         ty = packed.ty.fields[int(i)]
-        out[int(i)] = (mod[str(name)], tuple(int(d) for d in ty.shape.values), str(ty.dtype))
+        out[int(i)] = (str(name), mod[str(name)], tuple(int(d) for d in ty.shape.values), str(ty.dtype))
     return mod.without_attr(LIFTED), out
