@@ -127,3 +127,16 @@ def attend(q, cache, pos, seq, table, layer, page, sm, plan):
         _t(q), cache[0], cache[1], _t(pos), _t(seq), _t(table), layer, out, ws)
     _build(ka.kv4_merge(hq, hkv, d, "float32", gpu=False, plan=plan))(out, ws, _t(pos))
     return out.numpy()
+
+
+def test_attention_definition_equals_float64_attention():
+    """The attention op's definition (what the model emits, ``kv4_attention_definition``), compiled
+    and run on llvm, is attention over the dequantized paged cache."""
+    rng = np.random.default_rng(7)
+    for hq, hkv, d, page, seqs in [(6, 2, 64, 4, [(0, 5), (9, 1), (20, 3)]), (4, 4, 16, 16, [(0, 33)])]:
+        (q, data, param, pos, seq, table, layer), expected = ref.random_case(hq, hkv, d, page, 3, seqs, rng)
+        out = _t(np.full(q.shape, np.nan, np.float16))
+        _build(ka.kv4_attention_definition(3, hq, hkv, d, page, d ** -0.5, "float16"))(
+            _t(q), _t(data), _t(param), _t(pos), _t(seq), _t(table), layer, out)
+        got = out.numpy().astype(np.float64)
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-3  # fp16 output

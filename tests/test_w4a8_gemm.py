@@ -126,3 +126,23 @@ def test_w4a8_gemm_matches_reference(m, k, n, group):
     # and close to the float product (4-bit weights, 8-bit activations)
     exact = x @ w.T
     assert np.linalg.norm(y - exact) / np.linalg.norm(exact) < 0.2
+
+
+@pytest.mark.parametrize("m,k,n,group", [(3, 576, 40, 128), (2, 172, 16, None)])
+def test_w4a8_definition_on_the_quantizers_layout_equals_reference(m, k, n, group):
+    """The W4A8 op's definition reads the weights as the quantizers write them; it computes what the
+    kernels compute on the MMA layout."""
+    from tvm import te
+
+    x, w, qw, args = w4a8_case(m, n, k, group, seed=m + k)
+    _, y_ref = w4a8_ref.reference(*args, group=group)
+    logical = weight_params("w.weight", qw)
+    qx, sx = args[:2]
+    extra = (logical["w.weight_zero"], args[5]) if group is None else \
+        (logical["w.weight_group_scale"], logical["w.weight_group_zero"])
+    ins = [qx, sx, logical["w.weight"], logical["w.weight_scale"], *extra]
+    ph = [te.placeholder(a.shape, str(a.dtype), name=f"a{i}") for i, a in enumerate(ins)]
+    y = w4a8_gemm.w4a8_matmul_definition(*ph, group=group)
+    (got,) = _run(te.create_prim_func([*ph, y]).with_attr("global_symbol", "main"), *ins,
+                  out_shapes=[((m, n), "float32")])
+    assert np.abs(got - y_ref.astype(np.float32)).max() <= 2e-3 * np.abs(y_ref).max()
