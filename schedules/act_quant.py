@@ -87,7 +87,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
             if gpu:
                 T.tvm_storage_sync("shared")
             scale = T.Cast("float32", T.Cast("float16", T.max(amax[0], floor) / T.float32(INT8_MAX)))
-            acc = T.alloc_buffer((1,), "int32", scope="local")
+            acc = T.alloc_buffer((1,), "int32", scope=launch.local)
             acc[0] = 0
             for j in range(per_thread):
                 i = j * THREADS + tid
@@ -111,7 +111,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
         for tid in launch.threads(THREADS):
             if gpu:
                 T.tvm_storage_sync("shared")
-            acc = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope=launch.local)
             acc[0] = T.float32(0)
             for j in range(per_thread):
                 i = j * THREADS + tid
@@ -135,7 +135,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     @T.macro
     def sum_squares(x, b, t, fsum):
         for tid in launch.threads(THREADS):
-            acc = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope=launch.local)
             acc[0] = T.float32(0)
             for j in range(per_thread):
                 i = j * THREADS + tid
@@ -197,7 +197,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
                 isum = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
                 b, t = bx // nt, bx % nt
                 for tid in launch.threads(THREADS):
-                    acc = T.alloc_buffer((1,), "float32", scope="local")
+                    acc = T.alloc_buffer((1,), "float32", scope=launch.local)
                     acc[0] = T.float32(0)
                     for j in range(per_thread):
                         i = j * THREADS + tid

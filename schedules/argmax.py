@@ -39,8 +39,8 @@ def argmax(vocab: int, gpu: bool) -> tirx.PrimFunc:
             best = T.alloc_buffer((THREADS,), "float32", scope=launch.shared)
             where = T.alloc_buffer((THREADS,), "int32", scope=launch.shared)
             for tid in launch.threads(THREADS):
-                v = T.alloc_buffer((1,), "float32", scope="local")
-                at = T.alloc_buffer((1,), "int32", scope="local")
+                v = T.alloc_buffer((1,), "float32", scope=launch.local)
+                at = T.alloc_buffer((1,), "int32", scope=launch.local)
                 v[0] = T.reinterpret("float32", T.uint32(0xFF800000))  # -inf
                 at[0] = vocab
                 for j in range(per_thread):

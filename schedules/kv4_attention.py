@@ -194,7 +194,7 @@ def kv4_append(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: i
             for i in launch.threads(head_dim):
                 if gpu:
                     T.tvm_storage_sync("shared")
-                mm = T.alloc_buffer((2,), "float32", scope="local")  # min, max
+                mm = T.alloc_buffer((2,), "float32", scope=launch.local)  # min, max
                 if i == 0:
                     mm[0] = x[0]
                     mm[1] = x[0]
@@ -357,7 +357,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 if gpu:
                     T.tvm_storage_sync("shared")
                 if tx < group:
-                    qsum = T.alloc_buffer((1,), "float32", scope="local")
+                    qsum = T.alloc_buffer((1,), "float32", scope=launch.local)
                     qsum[0] = T.float32(0)
                     for d in range(head_dim):
                         qsum[0] = qsum[0] + q_sh[tx, d]
@@ -368,8 +368,8 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 for tx in launch.threads(nt):  # A
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    codes = T.alloc_buffer((8,), "float32", scope="local")
-                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    codes = T.alloc_buffer((8,), "float32", scope=launch.local)
+                    dot = T.alloc_buffer((1,), "float32", scope=launch.local)
                     for u in range(unroll):
                         if start + it * keys + u * by_key + tx // lanes < end:
                             j = start + it * keys + u * by_key + tx // lanes
@@ -389,7 +389,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 for tx in launch.threads(nt):  # B
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    dot = T.alloc_buffer((1,), "float32", scope="local")
+                    dot = T.alloc_buffer((1,), "float32", scope=launch.local)
                     for r in range(ceildiv(group * keys, nt)):
                         if r * nt + tx < group * keys:
                             if start + it * keys + (r * nt + tx) % keys < end:
@@ -404,7 +404,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 for tx in launch.threads(nt):  # C1: new running max per head, and the correction
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    mx = T.alloc_buffer((1,), "float32", scope="local")
+                    mx = T.alloc_buffer((1,), "float32", scope=launch.local)
                     if tx < group:
                         mx[0] = state[tx, 0]
                         for k in range(keys):
@@ -421,7 +421,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 for tx in launch.threads(nt):  # C3: denominator per head
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    total = T.alloc_buffer((1,), "float32", scope=launch.local)
                     if tx < group:
                         total[0] = T.float32(0)
                         for k in range(keys):
@@ -430,8 +430,8 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
                 for tx in launch.threads(nt):  # D
                     if gpu:
                         T.tvm_storage_sync("shared")
-                    a = T.alloc_buffer((8,), "float32", scope="local")
-                    pv = T.alloc_buffer((2,), "float32", scope="local")  # p * V scale, sum of p * V min
+                    a = T.alloc_buffer((8,), "float32", scope=launch.local)
+                    pv = T.alloc_buffer((2,), "float32", scope=launch.local)  # p * V scale, sum of p * V min
                     for r in range(ceildiv(v_split * group * lanes, nt)):
                         if r * nt + tx < v_split * group * lanes:
                             for e in range(8):
@@ -459,7 +459,7 @@ def kv4_attention(num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim
             for tx in launch.threads(nt):  # out = acc / denominator
                 if gpu:
                     T.tvm_storage_sync("shared")
-                total = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "float32", scope=launch.local)
                 for r in range(ceildiv(group * head_dim, nt)):
                     if r * nt + tx < group * head_dim and start < length:
                         total[0] = T.float32(0)
@@ -500,7 +500,7 @@ def kv4_merge(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, gp
         cap = T.meta_var(plan.splits_cap(n))
         for bx in launch.blocks(n * num_q_heads):
             for d in launch.threads(head_dim):
-                st = T.alloc_buffer((3,), "float32", scope="local")  # M, denominator, numerator
+                st = T.alloc_buffer((3,), "float32", scope=launch.local)  # M, denominator, numerator
                 length = positions[bx // num_q_heads] + 1
                 chunk = plan.chunk(length, cap)
                 row = (bx // num_q_heads * num_kv_heads + bx % num_q_heads // group) * cap

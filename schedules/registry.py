@@ -12,12 +12,15 @@ Two halves, handed in by the compiler (the frontend and ``passes`` import no ker
     argmax         argmax, CPU form                     argmax CUDA form | argmax CPU form
     w8a8_linear    TE: W8A8 GEMM + bias, cast           w8a8_matmul (TE; the target's schedule rules)
     w4a8_linear    TE: W4A8 GEMM + bias, cast           w4a8_gemm_tc (CUDA, K and groups in whole
-                                                        32-wide steps) | w4a8_matmul (TE; portable)
+                                                        32-wide steps) | w4a8_gemm_<isa> (llvm: the
+                                                        CPU's int8 dot products, ``w4a8_gemm_cpu``)
+                                                        | w4a8_matmul (TE; portable)
     rope_q         TE                                   rope_q (TE)
     rope_q_rotated rope_q_rotated, CPU form             CUDA form | CPU form
     kv4_append     kv4_append, CPU form (in place)      CUDA form | CPU form
     kv4_attention  a plain loop nest (``kv4_attention   kv4_prefill (CUDA, prefill steps, fp16, head_dim
-                   _definition``)                       32..128) | kv4_attention split for the target
+                   _definition``)                       32..128) | kv4_attention_cpu (llvm, D/2 a power
+                                                        of two) | kv4_attention split for the target
                                                         + kv4_merge
 
 Each kernel names its NumPy reference (``schedules/reference``), which its tests compare it with.
@@ -39,7 +42,8 @@ from typing import Callable
 from tvm import relax, te, tirx
 from tvm.relax.frontend.nn import op
 
-from . import act_quant, argmax, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc, w8a8_gemm
+from . import (act_quant, argmax, kv4_attention, kv4_attention_cpu, kv4_prefill, w4a8_gemm, w4a8_gemm_cpu,
+               w4a8_gemm_tc, w8a8_gemm)
 from .reference import act_quant as act_quant_ref
 from .reference import argmax as argmax_ref
 from .reference import kv4 as kv4_ref
@@ -177,6 +181,7 @@ class Kernel:
     reference: Callable
     supports: Callable[[dict], bool] = lambda _params: True
     portable: bool = False
+    features: tuple[str, ...] = ()  # LLVM CPU features the target must have (all of them)
 
 
 class Registry:
@@ -194,10 +199,11 @@ class Registry:
             return None
         return str(func.attrs[KERNEL_ATTR]), json.loads(str(func.attrs[PARAMS_ATTR]))
 
-    def select(self, name: str, params: dict, target_kind: str) -> Kernel | None:
-        """The first kernel of op ``name`` built for ``target_kind`` that supports ``params``."""
-        return next((k for k in self.kernels
-                     if k.op == name and target_kind in k.targets and k.supports(params)), None)
+    def select(self, name: str, params: dict, target_kind: str, features=frozenset()) -> Kernel | None:
+        """The first kernel of op ``name`` built for ``target_kind`` with CPU ``features`` (LLVM
+        names) that supports ``params``."""
+        return next((k for k in self.kernels if k.op == name and target_kind in k.targets
+                     and set(k.features) <= set(features) and k.supports(params)), None)
 
 
 def _same(build: Callable[..., tirx.PrimFunc]):
@@ -238,6 +244,28 @@ def _w4a8_portable(call: Call, p: dict) -> relax.Expr:
     return _linear_tail(call, y, "float32", p, 6)
 
 
+def _w4a8_cpu(isa: w4a8_gemm_cpu.Isa, call: Call, p: dict) -> relax.Expr:
+    """[..., K] -> [tokens, K] -> the dot-product GEMM (the output dtype, or fp32 before a bias)
+    -> [..., N]; codes, and per group s2 and z2, into the kernel's layout."""
+    n, k, group = p["n"], p["k"], p["group"]
+    q, s1, e0, e1 = call.args[2:6]
+    qv = call.weight_layout(partial(w4a8_gemm_cpu.cpu_pack_codes, lanes=isa.lanes), q, "cpu_pack_codes")
+    if group is not None:
+        e0, e1 = (call.weight_layout(partial(w4a8_gemm_cpu.cpu_channel_groups, lanes=isa.lanes), e,
+                                     "cpu_channel_groups") for e in (e0, e1))
+    qx, sx = call.args[:2]
+    lead = _lead(qx)
+    qx, sx = call.emit(relax.op.reshape(qx, (-1, k))), call.emit(relax.op.reshape(sx, (-1, 1)))
+    if group is None:
+        e1 = call.emit(relax.op.reshape(e1, (-1, 1)))
+    y_dtype = "float32" if p["bias"] else p["dtype"]
+    gemm = call.func(("w4a8_gemm_cpu", isa.name, n, k, group, y_dtype),
+                     lambda: w4a8_gemm_cpu.cpu_gemm(n, k, group, isa, y_dtype))
+    tokens = qx.ty.shape.values[0]
+    y = call.emit(call.tir(gemm, [qx, sx, qv, s1, e0, e1], relax.TensorType((tokens, n), y_dtype), "w4a8_gemm"))
+    return _linear_tail(call, relax.op.reshape(y, (*lead, n)), y_dtype, p, 6)
+
+
 def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
     """[..., K] -> [tokens, K] -> tensor-core GEMM -> fp16 [tokens, N] -> [..., N]."""
     n, k, group = p["n"], p["k"], p["group"]
@@ -267,6 +295,13 @@ def _kv4_prefill(call: Call, p: dict) -> relax.Expr:
     return call.tir(func, name="kv4_prefill")
 
 
+def _kv4_cpu(call: Call, p: dict) -> relax.Expr:
+    args = {k: v for k, v in p.items() if k != "prefill"}
+    func = call.func(("kv4_attention_cpu", json.dumps(args, sort_keys=True)),
+                     lambda: kv4_attention_cpu.kv4_attention_cpu(**args))
+    return call.tir(func, name="kv4_attention")
+
+
 def _kv4_split(call: Call, p: dict) -> relax.Expr:
     """kv4_attention with the target's split plan into a workspace, then kv4_merge in place."""
     hq, hkv, d, dtype = p["num_q_heads"], p["num_kv_heads"], p["head_dim"], p["dtype"]
@@ -289,11 +324,16 @@ REGISTRY = Registry([
     Kernel("w8a8_matmul", "w8a8_linear", ALL, _w8a8, w8a8_ref.reference),
     Kernel("w4a8_gemm_tc", "w4a8_linear", ("cuda",), _w4a8_tensor_core, w4a8_ref.reference,
            supports=lambda p: w4a8_gemm_tc.supports_tensor_cores(p["n"], p["k"], p["group"])),
+    *(Kernel(f"w4a8_gemm_{isa.name}", "w4a8_linear", ("llvm",), partial(_w4a8_cpu, isa), w4a8_ref.reference,
+             supports=partial(lambda isa, p: w4a8_gemm_cpu.supports(p["n"], p["k"], p["group"], isa), isa),
+             features=isa.features) for isa in w4a8_gemm_cpu.ISAS),
     Kernel("w4a8_matmul", "w4a8_linear", ALL, _w4a8_portable, w4a8_ref.reference, portable=True),
     Kernel("rope_q", "rope_q", ALL, _rope_q_te, kv4_ref.rope),
     Kernel("rope_q_rotated", "rope_q_rotated", ALL, _same(kv4_attention.rope_q_rotated), kv4_ref.rope),
     Kernel("kv4_append", "kv4_append", ALL, _same(kv4_attention.kv4_append), kv4_ref.packed_codes),
     Kernel("kv4_prefill", "kv4_attention", ("cuda",), _kv4_prefill, kv4_ref.attention,
            supports=lambda p: p["prefill"] and kv4_prefill.supports(p["head_dim"], p["dtype"])),
+    Kernel("kv4_attention_cpu", "kv4_attention", ("llvm",), _kv4_cpu, kv4_ref.attention,
+           supports=lambda p: kv4_attention_cpu.supports(p["head_dim"])),
     Kernel("kv4_attention", "kv4_attention", ALL, _kv4_split, kv4_ref.attention),
 ])

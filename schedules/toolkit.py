@@ -7,6 +7,10 @@ threads that meet at barriers. ``Launch(gpu)`` gives each construct its meaning 
     blocks(n)          blockIdx.x                            a parallel loop (one core a block)
     threads(n)         threadIdx.x                           a serial loop: each phase's threads in turn
     shared             "shared" memory of the block          "global": the block's scratch buffer
+    local              registers ("local")                   "global": TVM 0.27 puts small "global"
+                                                             buffers on the stack, but allocates
+                                                             every "local" one from the workspace
+                                                             pool (a call per allocation)
     attrs              scheduled, no aliasing, lowered by    scheduled, no aliasing
                        TVM's tirx pipeline
 
@@ -37,6 +41,10 @@ class Launch:
     @property
     def shared(self) -> str:
         return "shared" if self.gpu else "global"
+
+    @property
+    def local(self) -> str:
+        return "local" if self.gpu else "global"
 
     @property
     def attrs(self) -> dict:

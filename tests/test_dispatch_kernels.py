@@ -13,12 +13,14 @@ import pytest
 from qoq_compiler.errors import QoqcError
 from qoq_compiler.passes.dispatch_kernels import dispatch_kernels
 from qoq_compiler.tvm_env import tvm
-from schedules import act_quant, kv4_attention, kv4_prefill, w4a8_gemm, w4a8_gemm_tc
+from schedules import act_quant, kv4_attention, kv4_attention_cpu, kv4_prefill, w4a8_gemm, w4a8_gemm_cpu, w4a8_gemm_tc
 from schedules.registry import OPS, REGISTRY, WEIGHT_LAYOUT_ATTR
 from tvm import relax, tirx
 from tvm.relax.frontend.nn import Tensor
 
-LLVM = tvm.target.Target("llvm")
+LLVM = tvm.target.Target("llvm")  # a baseline x86-64: no integer dot products
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
 
 
@@ -77,6 +79,32 @@ def test_w4a8_linear_on_llvm_is_the_portable_gemm_then_bias_and_cast():
         return relax.op.astype(y, "float16")
 
     tvm.ir.assert_structural_equal(_dispatch(before, LLVM), _module(params, expected))
+
+
+@pytest.mark.parametrize("target,isa", [(VNNI, "avx512vnni"), (AVX2, "avx2")], ids=["vnni", "avx2"])
+def test_w4a8_linear_on_a_dot_product_cpu_is_its_gemm_on_token_rows(target, isa):
+    """The CPU's best instruction set picks the kernel; weights into its layout; fp32 before a bias."""
+    isa = next(i for i in w4a8_gemm_cpu.ISAS if i.name == isa)
+    params = _linear_params(256, 64, bias=True)
+    before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
+    tag = {WEIGHT_LAYOUT_ATTR: True}
+
+    def expected(bb, qx, sx, q, s1, s2, z2, b):
+        qv = bb.emit(bb.call_te(partial(w4a8_gemm_cpu.cpu_pack_codes, lanes=isa.lanes), q,
+                                primfunc_name_hint="cpu_pack_codes", primfunc_attrs=tag))
+        s2, z2 = (bb.emit(bb.call_te(partial(w4a8_gemm_cpu.cpu_channel_groups, lanes=isa.lanes), e,
+                                     primfunc_name_hint="cpu_channel_groups", primfunc_attrs=tag)) for e in (s2, z2))
+        lead = list(qx.ty.shape.values[:-1])
+        qx2 = bb.emit(relax.op.reshape(qx, (-1, 256)))
+        sx2 = bb.emit(relax.op.reshape(sx, (-1, 1)))
+        gemm = bb.add_func(w4a8_gemm_cpu.cpu_gemm(64, 256, 128, isa, "float32"), "w4a8_gemm")
+        y = bb.emit(relax.call_tir(gemm, [qx2, sx2, qv, s1, s2, z2],
+                                   relax.TensorType((qx2.ty.shape.values[0], 64), "float32")))
+        y = bb.emit(relax.op.reshape(y, (*lead, 64)))
+        y = bb.emit(relax.op.add(y, b))
+        return relax.op.astype(y, "float16")
+
+    tvm.ir.assert_structural_equal(_dispatch(before, target), _module(params, expected))
 
 
 def test_w4a8_linear_on_cuda_is_the_tensor_core_gemm_on_token_rows():
@@ -145,7 +173,7 @@ def _attention_params(hq: int, hkv: int, d: int):
 
 @pytest.mark.parametrize("target,prefill", [(LLVM, True), (CUDA, False), (CUDA, True)],
                          ids=["llvm-prefill", "cuda-decode", "cuda-prefill"])
-def test_kv4_attention_is_split_attention_and_merge_or_the_tensor_core_prefill(target, prefill):
+def test_kv4_attention_is_the_cpu_kernel_or_split_attention_and_merge_or_the_tensor_core_prefill(target, prefill):
     hq, hkv, d, sm = 6, 2, 64, 0.125
     params = _attention_params(hq, hkv, d)
     op_params = dict(num_layers=2, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=16, sm_scale=sm,
@@ -164,6 +192,9 @@ def test_kv4_attention_is_split_attention_and_merge_or_the_tensor_core_prefill(t
         args = [q, data, param, pos, seq, table, relax.prim_value(layer)]
         if gpu and prefill:
             gv = bb.add_func(kv4_prefill.kv4_prefill(2, hq, hkv, d, 16, sm), "kv4_prefill")
+            return relax.call_tir(gv, args, out._expr.ty)
+        if not gpu:
+            gv = bb.add_func(kv4_attention_cpu.kv4_attention_cpu(**op_params), "kv4_attention")
             return relax.call_tir(gv, args, out._expr.ty)
         plan = kv4_attention.split_plan(hq, hkv, d, gpu)
         attention = bb.add_func(kv4_attention.kv4_attention(**op_params, gpu=gpu, plan=plan), "kv4_attention")

@@ -1,6 +1,6 @@
 """KV4 kernels on CPU: RoPE matches float64, the appended codes and scales equal the NumPy spec, and
-attention over the paged 4-bit cache equals float64 attention over the same dequantized cache (page
-boundaries, GQA, ragged batch)."""
+attention over the paged 4-bit cache (the split kernel, and the CPU kernel llvm builds use) equals
+float64 attention over the same dequantized cache (page boundaries, GQA, ragged batch)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from qoq_compiler.quant import reference as qref
 from qoq_compiler.tvm_env import tvm
 from schedules import kv4_attention as ka
+from schedules import kv4_attention_cpu as kc
 from schedules.reference import kv4 as ref
 from tvm import te
 
@@ -115,6 +116,12 @@ def test_kv4_cache_and_attention(hq, hkv, d, page, lengths):
         last = np.cumsum(lengths) - 1
         got = attend(q[last], cache, pos[last], seq[last], table, layer, page, sm, plan)
         assert np.linalg.norm(got - expected[last]) / np.linalg.norm(expected[last]) < 1e-5, plan
+    # the CPU kernel (llvm's choice), prefill and decode
+    for rows in (np.arange(n), np.cumsum(lengths) - 1):
+        out = _t(np.full((len(rows), hq, d), np.nan, "float32"))
+        _build(kc.kv4_attention_cpu(cache[0].shape[0], hq, hkv, d, page, sm, "float32"))(
+            _t(q[rows]), cache[0], cache[1], _t(pos[rows]), _t(seq[rows]), _t(table), layer, out)
+        assert np.linalg.norm(out.numpy() - expected[rows]) / np.linalg.norm(expected[rows]) < 1e-5
 
 
 def attend(q, cache, pos, seq, table, layer, page, sm, plan):

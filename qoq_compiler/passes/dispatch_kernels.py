@@ -5,7 +5,8 @@ append and attention, RoPE of q, argmax) is a call_tir of a definition tagged wi
 attributes ``qoq.kernel`` (the op) and ``qoq.params`` (its parameters, JSON), which the registry
 writes and reads (``op_of``). This pass decides how:
 for each such call it asks the kernel registry (``schedules.registry.REGISTRY``, handed in by the
-compiler) for the first kernel built for the target kind that supports the parameters, and
+compiler) for the first kernel built for the target kind, whose CPU features (an llvm target's
+``mcpu``: VNNI, AVX2, Arm dot products) the target has, that supports the parameters, and
 replaces the call by what that kernel emits (one call_tir, or a few bindings: the tensor-core GEMM
 reshapes its operands to [tokens, K]; split attention adds a workspace and a merge). The op is
 recognised by its callee's attributes, never by a function's name. The definitions left unused are
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 import tvm_ffi
+import tvm
 from tvm import ir, relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -41,9 +43,10 @@ def choose(ops: dict, registry, target, allow_portable: bool = False,
            log: Callable[[str], None] | None = None) -> dict:
     """The kernel of each op definition (global var -> kernel), checked before anything changes."""
     kind, gpu = target.kind.name, "gpu" in target.keys
+    features = set() if gpu else {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target)}
     chosen, said = {}, set()
     for gv, (name, params) in ops.items():
-        kernel = registry.select(name, params, kind)
+        kernel = registry.select(name, params, kind, features)
         if kernel is None:
             raise QoqcError(f"no kernel runs {name} {_describe(params)} on {kind}")
         if kernel.portable and gpu and not allow_portable:

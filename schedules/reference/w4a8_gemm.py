@@ -88,3 +88,15 @@ def mma_shapes(n: int, k: int, group: int | None) -> dict[str, tuple[int, ...]]:
     if group is not None:
         shapes["weight_group_scale"] = shapes["weight_group_zero"] = (ceildiv(k, group), n32 * 32)
     return shapes
+
+
+def cpu_layout(codes: np.ndarray, groups: tuple[np.ndarray, ...], lanes: int) -> tuple[np.ndarray, ...]:
+    """The CPU dot-product kernels' layout (``w4a8_gemm_cpu``) in NumPy: codes uint8 [N, K] ->
+    uint32 [N/L, K/8, L], byte r of word w holding input 8w + r in its low nibble and 8w + 4 + r
+    in its high one; each per-group int8 [N, G] -> [N/L, G, L]."""
+    n, k = codes.shape
+    c = codes.astype(np.uint32).reshape(n // lanes, lanes, k // 8, 2, 4).transpose(0, 2, 1, 4, 3)
+    nib = c[..., 0] | c[..., 1] << 4                                      # [N/L, K/8, L, 4] bytes
+    words = nib[..., 0] | nib[..., 1] << 8 | nib[..., 2] << 16 | nib[..., 3] << 24
+    return (words.astype(np.uint32),
+            *(np.ascontiguousarray(g.reshape(n // lanes, lanes, -1).transpose(0, 2, 1)) for g in groups))
