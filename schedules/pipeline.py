@@ -1,10 +1,10 @@
 """TensorIR schedules qoqc applies to the functions the Relax pipeline lowers.
 
 ``default_rules(target)`` is the ordered rule list: on GPUs, dlight's generic rules; on CPUs
-qoqc's vectorized, multi-core reduction rule (``cpu_matmul``), other functions staying as
-legalized loops (``dlight.cpu.GEMV`` is left out: it stalls LLVM codegen for minutes on LLM
-shapes). Functions already scheduled (the KV-cache kernels, the tensor-core GEMM, tagged
-``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
+qoqc's vectorized, multi-core reduction rule (``cpu_matmul``), then its injective rule
+(``cpu_injective``: parallel rows, vectorized innermost axis) (``dlight.cpu.GEMV`` is left out: it
+stalls LLVM codegen for minutes on LLM shapes). Functions already scheduled (the KV-cache
+kernels, the tensor-core GEMM, tagged ``tirx.is_scheduled``) are skipped by ``ApplyDefaultSchedule``.
 
 Which kernel serves each QoQ op is the registry's business (``schedules.registry``, applied by
 ``passes.dispatch_kernels`` before this phase). The hand-written kernels (the tensor-core W4A8 GEMM
@@ -19,6 +19,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from .cpu_injective import CPUInjective
 from .cpu_matmul import CPUReduction
 from .intrin import load_cuda_intrinsics
 
@@ -80,6 +81,6 @@ def schedule(target) -> "tvm.transform.Pass":
 
 def default_rules(target) -> list:
     if "gpu" not in target.keys:
-        return [CPUReduction()]
+        return [CPUReduction(), CPUInjective()]
     load_cuda_intrinsics()  # dlight's tensor-core rules import them; do it the fast way first
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]

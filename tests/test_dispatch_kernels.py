@@ -211,7 +211,8 @@ def test_kv4_attention_is_the_cpu_kernel_or_split_attention_and_merge_or_the_ten
 @pytest.mark.parametrize("quant", ["rtn-w4a8kv4", "fp16"])
 def test_compiled_model_names_its_target_only_after_dispatch(quant, tiny_dirs, tmp_path):
     """The exported model's IR is the same for llvm and CUDA until the dispatch step; afterwards no
-    op definition or generic cache creation is left, and each target has its own kernels."""
+    op definition or generic cache creation is left, and each target has its own kernels. No
+    function of the llvm build is left a scalar single-core loop nest."""
     from qoq_compiler import compile
     from qoq_compiler.frontend.llama import KV_CACHE_CREATE
     from schedules import nvcc
@@ -226,9 +227,34 @@ def test_compiled_model_names_its_target_only_after_dispatch(quant, tiny_dirs, t
         assert generic in ir[target]["02-quantize"] and generic not in ir[target]["03-dispatch"]
         # the W4A8 weights' reordering left the functions: the artifact holds them in the MMA layout
         assert "cls.mma_pack_codes" not in ir[target]["03-dispatch"]
+    if quant != "fp16":  # the fp16 build's attention is TVM's paged KV cache, with its own CPU kernels
+        assert not unscheduled_cpu_functions(ir["llvm"]["06-vm"])
     if "cuda" in ir:
         assert ir["llvm"]["02-quantize"] == ir["cuda"]["02-quantize"]
         assert "threadIdx" in ir["cuda"]["03-dispatch"] and "threadIdx" not in ir["llvm"]["03-dispatch"]
+
+
+def unscheduled_cpu_functions(vm_ir: str) -> list[str]:
+    """The PrimFuncs of an llvm build (its ``06-vm.py``) that are scalar single-core loop nests: no
+    parallel loop, no vector loop, and not a hand-scheduled kernel. The VM's shape functions and
+    symbolic expressions (host integer arithmetic on a few shape values) are not kernels."""
+    import re
+
+    found = []
+    scheduled = re.compile(r"T\.parallel|T\.vectorized|tirx\.is_scheduled")
+    for func in re.split(r"\n    @T\.prim_func", vm_ir)[1:]:
+        name = re.search(r"def (\w+)\(", func).group(1)
+        if not name.startswith(("shape_func", "compute_symbolic_expr")) and not scheduled.search(func):
+            found.append(name)
+    return found
+
+
+def test_unscheduled_cpu_functions_are_found():
+    head = "\n    @T.prim_func(private=True)\n    def "
+    vm_ir = (head + "add(a):\n        for i in range(4):\n            a[i] = 1"
+             + head + "vec(a):\n        for i in T.vectorized(4):\n            a[i] = 1"
+             + head + "shape_func(a):\n        a[0] = 1")
+    assert unscheduled_cpu_functions(vm_ir) == ["add"]
 
 
 def test_frontend_names_no_kernel_and_no_target():
