@@ -10,7 +10,9 @@ Two halves, handed in by the compiler (the frontend and ``passes`` import no ker
     op             definition (emitted)                 kernels, in order of preference
     act_quant      act_quant, CPU form                  act_quant CUDA form | act_quant CPU form
     argmax         argmax, CPU form                     argmax CUDA form | argmax CPU form
-    w8a8_linear    TE: W8A8 GEMM + bias, cast           w8a8_matmul (TE; the target's schedule rules)
+    w8a8_linear    TE: W8A8 GEMM + bias, cast           w8a8_gemm_<isa> (llvm: VNNI or sdot; not AVX2,
+                                                        whose int16 pairs saturate on 8-bit weights)
+                                                        | w8a8_matmul (TE; the target's schedule rules)
     w4a8_linear    TE: W4A8 GEMM + bias, cast           w4a8_gemm_tc (CUDA, K and groups in whole
                                                         32-wide steps) | w4a8_gemm_<isa> (llvm: the
                                                         CPU's int8 dot products, ``w4a8_gemm_cpu``)
@@ -90,7 +92,7 @@ DEFINITIONS = {
     "act_quant": Definition(lambda kind, k, dtype, eps: act_quant.act_quant(kind, k, dtype, False, eps),
                             name=lambda p: p["kind"] if p["kind"] == "quantize" else p["kind"] + "_quantize"),
     "argmax": Definition(lambda vocab: argmax.argmax(vocab, False)),
-    "w8a8_linear": Definition(lambda **p: partial(_w8a8_linear, **p), te=True),
+    "w8a8_linear": Definition(lambda n, k, **p: partial(_w8a8_linear, **p), te=True),
     "w4a8_linear": Definition(lambda n, k, **p: partial(_w4a8_linear, **p), te=True),
     "rope_q": Definition(lambda **p: partial(_rope_q, **p), te=True),
     "rope_q_rotated": Definition(lambda **p: kv4_attention.rope_q_rotated(**p, gpu=False)),
@@ -281,6 +283,22 @@ def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
     return _linear_tail(call, relax.op.reshape(y, (*lead, n)), "float16", p, 6)
 
 
+def _w8a8_cpu(isa: w4a8_gemm_cpu.Isa, call: Call, p: dict) -> relax.Expr:
+    """[..., K] -> [tokens, K] -> the CPU dot-product GEMM on the offset weight bytes -> [..., N]."""
+    n, k = p["n"], p["k"]
+    qx, sx, qw, sw = call.args[:4]
+    pack = partial(w4a8_gemm_cpu.cpu_pack_bytes, lanes=isa.lanes, offset=w4a8_gemm_cpu.w8_offset(isa))
+    qv = call.weight_layout(pack, qw, "cpu_pack_bytes")
+    lead = _lead(qx)
+    qx, sx = call.emit(relax.op.reshape(qx, (-1, k))), call.emit(relax.op.reshape(sx, (-1, 1)))
+    y_dtype = "float32" if p["bias"] else p["dtype"]
+    gemm = call.func(("w8a8_gemm_cpu", isa.name, n, k, y_dtype),
+                     lambda: w4a8_gemm_cpu.cpu_gemm(n, k, None, isa, y_dtype, bits=8))
+    tokens = qx.ty.shape.values[0]
+    y = call.emit(call.tir(gemm, [qx, sx, qv, sw], relax.TensorType((tokens, n), y_dtype), "w8a8_gemm"))
+    return _linear_tail(call, relax.op.reshape(y, (*lead, n)), y_dtype, p, 4)
+
+
 def _w8a8(call: Call, p: dict) -> relax.Expr:
     return _linear_tail(call, call.te(w8a8_gemm.w8a8_matmul, call.args[:4], "w8a8_matmul"), "float32", p, 4)
 
@@ -321,6 +339,10 @@ ALL = ("llvm", "cuda")
 REGISTRY = Registry([
     Kernel("act_quant", "act_quant", ALL, _same(act_quant.act_quant), act_quant_ref.reference),
     Kernel("argmax", "argmax", ALL, _same(argmax.argmax), argmax_ref.reference),
+    *(Kernel(f"w8a8_gemm_{isa.name}", "w8a8_linear", ("llvm",), partial(_w8a8_cpu, isa), w8a8_ref.reference,
+             supports=partial(lambda isa, p: w4a8_gemm_cpu.supports_w8a8(p["n"], p["k"], isa), isa),
+             features=isa.features)
+      for isa in w4a8_gemm_cpu.ISAS if isa.bytes_exact),
     Kernel("w8a8_matmul", "w8a8_linear", ALL, _w8a8, w8a8_ref.reference),
     Kernel("w4a8_gemm_tc", "w4a8_linear", ("cuda",), _w4a8_tensor_core, w4a8_ref.reference,
            supports=lambda p: w4a8_gemm_tc.supports_tensor_cores(p["n"], p["k"], p["group"])),

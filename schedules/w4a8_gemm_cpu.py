@@ -23,6 +23,11 @@ L x 4 unsigned bytes, each multiplied by the broadcast 4 activation bytes of its
 Group scales and zeros as [N/L, G, L] int8 (``cpu_channel_groups``): one L-byte load per block
 and group. K, the group size and N must be multiples of 8, 8 and L (``supports``).
 
+W8A8 (``bits=8``, ``w8a8_gemm``'s math) runs on the same loops: its int8 weights are stored as bytes
+w + 128 (``cpu_pack_bytes``; the x86 instructions read that operand unsigned), four inputs a word,
+and psum = sum_k (w + 128) x - 128 * sum_k x exactly; sdot takes the int8 weights as they are.
+AVX2 does not serve W8A8: vpmaddubsw's int16 pair sums (255 * 127 * 2) would saturate.
+
 Loops: channel blocks in parallel over the cores; inside, tokens in tiles of TOKENS (each unpacked
 weight vector feeds TOKENS dot products; remaining tokens one at a time, so one token, decode, does
 no wasted work). The group sums xs are computed first, rows in parallel.
@@ -51,6 +56,8 @@ class Isa:
     lanes: int
     features: tuple[str, ...]
     intrinsic: str  # LLVM's (accumulator, a bytes, b bytes) -> int32 lanes; avx2: two instructions
+    unsigned: bool = True  # the weight operand is read as unsigned bytes (x86), else signed (sdot)
+    bytes_exact: bool = True  # exact for any weight byte (avx2's int16 pairs saturate past 15 * 127 * 2)
 
     def dot(self, acc, codes, x4):
         L, B = self.lanes, 4 * self.lanes
@@ -67,8 +74,8 @@ class Isa:
 #: in order of preference
 ISAS = (Isa("avx512vnni", 16, ("avx512vnni", "avx512bw", "avx512vl"), "llvm.x86.avx512.vpdpbusd.512"),
         Isa("avxvnni", 8, ("avxvnni", "avx2"), "llvm.x86.avx512.vpdpbusd.256"),
-        Isa("avx2", 8, ("avx2",), "llvm.x86.avx2.pmadd.ub.sw"),
-        Isa("dotprod", 4, ("neon", "dotprod"), "llvm.aarch64.neon.sdot.v4i32.v16i8"))
+        Isa("avx2", 8, ("avx2",), "llvm.x86.avx2.pmadd.ub.sw", bytes_exact=False),
+        Isa("dotprod", 4, ("neon", "dotprod"), "llvm.aarch64.neon.sdot.v4i32.v16i8", unsigned=False))
 
 
 def isa_for(features) -> Isa | None:
@@ -80,12 +87,28 @@ def supports(n: int, k: int, group: int | None, isa: Isa) -> bool:
     return k % 8 == 0 and n % isa.lanes == 0 and (group is None or group % 8 == 0)
 
 
-def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str) -> tirx.PrimFunc:
+def supports_w8a8(n: int, k: int, isa: Isa) -> bool:
+    return isa.bytes_exact and k % 4 == 0 and n % isa.lanes == 0
+
+
+def w8_offset(isa: Isa) -> int:
+    """What the W8A8 layout adds to each int8 weight: 128 where the instruction reads the weight
+    operand as unsigned bytes, then psum = sum_k (w + 128) x - 128 * sum_k x; 0 for sdot."""
+    return 128 if isa.unsigned else 0
+
+
+def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str, bits: int = 4) -> tirx.PrimFunc:
     """PrimFunc (qx, sx, qv, s1, e0, e1, y) for M tokens: qx [M, K] int8, sx [M, 1] fp16, qv
     [N/L, K/8, L] uint32, s1 [N] fp16, (e0, e1) = (s2, z2) int8 [N/L, G, L] per group or
-    (z [N] fp16, xsum [M, 1] int32) per channel; y [M, N] in ``dtype``."""
-    L, nb, words = isa.lanes, n // isa.lanes, k // 8
-    per_group = group is not None
+    (z [N] fp16, xsum [M, 1] int32) per channel; y [M, N] in ``dtype``.
+
+    ``bits=8``: the W8A8 GEMM, PrimFunc (qx, sx, qv, sw, y): qv [N/L, K/4, L] holds the int8 weights
+    plus ``w8_offset`` as bytes (``cpu_pack_bytes``), four inputs a word, one dot product each;
+    psum = acc - offset * sum_k qx (the row sum computed first), y = psum * sx * sw."""
+    eight = bits == 8
+    L, nb, words = isa.lanes, n // isa.lanes, k // (4 if eight else 8)
+    offset = w8_offset(isa) if eight else 0
+    per_group = group is not None and not eight
     g_count = ceildiv(k, group) if per_group else 1
     g_words = group // 8 if per_group else words
     e0_shape, e0_dtype = ((nb, g_count, L), "int8") if per_group else ((n,), "float16")
@@ -105,7 +128,7 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str) -> tirx.Pr
 
     def epilogue(tot, sx, s1, e0, e1, t, ch, lane, i):
         scaled = T.Cast("float32", tot[i, lane]) * T.Cast("float32", sx[t, 0]) * T.Cast("float32", s1[ch])
-        if per_group:
+        if per_group or eight:
             return T.Cast(dtype, scaled)
         return T.Cast(dtype, scaled - T.Cast("float32", e0[ch]) * T.Cast("float32", sx[t, 0])
                       * T.Cast("float32", e1[t, 0]))
@@ -121,12 +144,18 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str) -> tirx.Pr
                 acc[i, T.ramp(0, 1, L)] = T.broadcast(0, L)
             for w in range(T.min(g_words, words - g * g_words)):
                 for i in T.unroll(mt):
-                    acc[i, T.ramp(0, 1, L)] = isa.dot(vec(acc, i), codes(qv, b, g * g_words + w, False),
-                                                      x4(qx, t0 + i, (g * g_words + w) * 8))
-                    acc[i, T.ramp(0, 1, L)] = isa.dot(vec(acc, i), codes(qv, b, g * g_words + w, True),
-                                                      x4(qx, t0 + i, (g * g_words + w) * 8 + 4))
+                    if eight:
+                        acc[i, T.ramp(0, 1, L)] = isa.dot(vec(acc, i), qv.vload([b, w, 0], f"uint32x{L}"),
+                                                          x4(qx, t0 + i, w * 4))
+                    else:
+                        acc[i, T.ramp(0, 1, L)] = isa.dot(vec(acc, i), codes(qv, b, g * g_words + w, False),
+                                                          x4(qx, t0 + i, (g * g_words + w) * 8))
+                        acc[i, T.ramp(0, 1, L)] = isa.dot(vec(acc, i), codes(qv, b, g * g_words + w, True),
+                                                          x4(qx, t0 + i, (g * g_words + w) * 8 + 4))
             for i in T.unroll(mt):
-                if per_group:
+                if offset != 0:
+                    tot[i, T.ramp(0, 1, L)] = vec(acc, i) - T.broadcast(xs[t0 + i, 0] * offset, L)
+                elif per_group:
                     tot[i, T.ramp(0, 1, L)] = vec(tot, i) + vec(acc, i) * T.Cast(
                         f"int32x{L}", e0.vload([b, g, 0], f"int8x{L}")) - T.Cast(
                         f"int32x{L}", e1.vload([b, g, 0], f"int8x{L}")) * T.broadcast(xs[t0 + i, g], L)
@@ -135,6 +164,40 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str) -> tirx.Pr
         for i in T.unroll(mt):
             for lane in T.vectorized(L):
                 y[t0 + i, b * L + lane] = epilogue(tot, sx, s1, e0, e1, t0 + i, b * L + lane, lane, i)
+
+    @T.macro
+    def group_sums(qx, xs, m):
+        """xs[t, g] = sum of token t's activations in group g (one group of K for W8A8)."""
+        for t in T.parallel(m):
+            for g in range(g_count):
+                xs[t, g] = 0
+                for kk in range(T.min(group if per_group else k, k - g * group if per_group else k)):
+                    xs[t, g] = xs[t, g] + T.Cast("int32", qx[t, (g * group if per_group else 0) + kk])
+
+    @T.macro
+    def gemm(qx, sx, qv, s1, e0, e1, xs, y, m):
+        for b in T.parallel(nb):
+            for mo in range(m // TOKENS):
+                tile(qx, sx, qv, s1, e0, e1, xs, y, b, mo * TOKENS, TOKENS)
+            for t in range(m // TOKENS * TOKENS, m):
+                tile(qx, sx, qv, s1, e0, e1, xs, y, b, t, 1)
+
+    if eight:  # only the function asked for is parsed: the other's buffers would not type-check
+        @T.prim_func(private=True)
+        def func8(var_qx: T.handle, var_sx: T.handle, var_qv: T.handle, var_sw: T.handle, var_y: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.int64()
+            qx = T.match_buffer(var_qx, (m, k), "int8")
+            sx = T.match_buffer(var_sx, (m, 1), "float16")
+            qv = T.match_buffer(var_qv, (nb, words, L), "uint32")
+            sw = T.match_buffer(var_sw, (n,), "float16")
+            y = T.match_buffer(var_y, (m, n), dtype)
+            xs = T.alloc_buffer((m, 1) if offset != 0 else (1, 1), "int32")
+            if offset != 0:
+                group_sums(qx, xs, m)
+            gemm(qx, sx, qv, sw, sw, sw, xs, y, m)
+
+        return func8
 
     @T.prim_func(private=True)
     def func(var_qx: T.handle, var_sx: T.handle, var_qv: T.handle, var_s1: T.handle, var_e0: T.handle,
@@ -150,16 +213,8 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str) -> tirx.Pr
         y = T.match_buffer(var_y, (m, n), dtype)
         xs = T.alloc_buffer((m, g_count) if per_group else (1, 1), "int32")
         if per_group:
-            for t in T.parallel(m):
-                for g in range(g_count):
-                    xs[t, g] = 0
-                    for kk in range(T.min(group, k - g * group)):
-                        xs[t, g] = xs[t, g] + T.Cast("int32", qx[t, g * group + kk])
-        for b in T.parallel(nb):
-            for mo in range(m // TOKENS):
-                tile(qx, sx, qv, s1, e0, e1, xs, y, b, mo * TOKENS, TOKENS)
-            for t in range(m // TOKENS * TOKENS, m):
-                tile(qx, sx, qv, s1, e0, e1, xs, y, b, t, 1)
+            group_sums(qx, xs, m)
+        gemm(qx, sx, qv, s1, e0, e1, xs, y, m)
 
     return func
 
@@ -174,6 +229,18 @@ def cpu_pack_codes(q: te.Tensor, lanes: int) -> te.Tensor:
         return te.sum(code << (r % 4 * 8 + r // 4 * 4).astype("uint32"), axis=r)
 
     return te.compute((n // lanes, k // 8, lanes), word, name="cpu_codes")
+
+
+def cpu_pack_bytes(w: te.Tensor, lanes: int, offset: int) -> te.Tensor:
+    """W8A8 weights int8 [N, K] -> uint32 [N/L, K/4, L]: byte r of word w is w[bL + l, 4w + r] + offset."""
+    n, k = (int(d) for d in w.shape)
+    r = te.reduce_axis((0, 4), name="r")
+
+    def word(b, wi, lane):
+        byte = ((w[b * lanes + lane, wi * 4 + r].astype("int32") + offset) & 255).astype("uint32")
+        return te.sum(byte << (r * 8).astype("uint32"), axis=r)
+
+    return te.compute((n // lanes, k // 4, lanes), word, name="cpu_bytes")
 
 
 def cpu_channel_groups(v: te.Tensor, lanes: int) -> te.Tensor:

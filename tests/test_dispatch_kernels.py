@@ -107,6 +107,22 @@ def test_w4a8_linear_on_a_dot_product_cpu_is_its_gemm_on_token_rows(target, isa)
     tvm.ir.assert_structural_equal(_dispatch(before, target), _module(params, expected))
 
 
+@pytest.mark.parametrize("target,kernel", [(VNNI, "w8a8_gemm_avx512vnni"), (AVX2, "w8a8_matmul"),
+                                           (LLVM, "w8a8_matmul")], ids=["vnni", "avx2", "baseline"])
+def test_w8a8_linear_takes_the_dot_product_gemm_where_it_is_exact(target, kernel):
+    """AVX2's int16 pair sums would saturate on 8-bit weights: W8A8 keeps the TE GEMM there."""
+    t = tirx.Var("t", "int64")
+    params = [relax.Var("qx", relax.TensorType((1, t, 64), "int8")),
+              relax.Var("sx", relax.TensorType((1, t, 1), "float16")),
+              relax.Var("qw", relax.TensorType((32, 64), "int8")), relax.Var("sw", relax.TensorType((32,), "float16"))]
+    before = _before(params, "w8a8_linear", n=32, k=64, bias=False, dtype="float16")
+    lines = []
+    after = _dispatch(before, target, log=lines.append)
+    assert lines == [f"qoqc: dispatch: w8a8_linear bias=False dtype=float16 k=64 n=32 -> {kernel}"]
+    names = sorted(gv.name_hint for gv, f in after.functions_items() if isinstance(f, tirx.PrimFunc))
+    assert names == (["cpu_pack_bytes", "w8a8_gemm"] if kernel != "w8a8_matmul" else ["w8a8_matmul"])
+
+
 def test_w4a8_linear_on_cuda_is_the_tensor_core_gemm_on_token_rows():
     params = _linear_params(256, 64, bias=True)
     before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")

@@ -1,5 +1,5 @@
-"""W4A8 GEMM on the CPU's integer dot products: results equal the NumPy reference bit for bit (int32
-accumulators exactly), on every instruction set this CPU runs; the layout PrimFuncs equal the NumPy
+"""W4A8 and W8A8 GEMMs on the CPU's integer dot products: results equal the NumPy reference bit for
+bit (int32 accumulators exactly), on every instruction set this CPU runs; the layout PrimFuncs equal the NumPy
 layout; the assembly holds the instruction (cross-compiled for the ones this CPU lacks)."""
 
 from __future__ import annotations
@@ -66,6 +66,36 @@ def test_cpu_gemm_equals_reference(isa, m, k, n, group):
     np.testing.assert_array_equal(out32.numpy(), psum.astype(np.float32))
 
 
+@pytest.mark.parametrize("isa", [i.name for i in cpu.ISAS if set(i.features) <= HOST_FEATURES and i.bytes_exact])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 96), (11, 1536, 48), (3, 100, 32)])
+def test_cpu_w8a8_gemm_equals_reference(isa, m, k, n):
+    """W8A8 on the offset weight bytes: psum exactly, y as the reference's fp32 epilogue."""
+    from qoq_compiler.quant import reference as qref
+    from schedules.reference import w8a8_gemm as w8a8_ref
+
+    isa = ISA[isa]
+    if n % isa.lanes:
+        pytest.skip("N is not a multiple of the lanes")
+    rng = np.random.default_rng(m + k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 8, size=(m, 1))).astype(np.float32)
+    qw, sw = qref.quantize_per_token(rng.standard_normal((n, k)) * 0.05)
+    qw[0, :4] = [-127, 127, -128, 0]  # the byte range's ends
+    psum, y = w8a8_ref.reference(x, qw, sw[:, 0])
+    sx = (np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-4)) / np.float32(127)).astype(np.float16)
+    qx = np.clip(np.round(x / sx.astype(np.float32)), -127, 127)  # as the reference's producer
+    w = te.placeholder((n, k), "int8", name="w")
+    qv = _t(np.zeros((n // isa.lanes, k // 4, isa.lanes), np.uint32))
+    _build(te.create_prim_func([w, cpu.cpu_pack_bytes(w, isa.lanes, cpu.w8_offset(isa))]))["main"](_t(qw), qv)
+    out = _t(np.full((m, n), np.nan, np.float32))
+    _build(cpu.cpu_gemm(n, k, None, isa, "float32", bits=8))["main"](
+        _t(qx.astype(np.int8)), _t(sx.astype(np.float16)), qv, _t(sw[:, 0].astype(np.float16)), out)
+    np.testing.assert_array_equal(out.numpy(), y)
+    ones = _t(np.full((m, 1), 1, np.float16))
+    _build(cpu.cpu_gemm(n, k, None, isa, "float32", bits=8))["main"](
+        _t(qx.astype(np.int8)), ones, qv, _t(np.ones(n, np.float16)), out)
+    np.testing.assert_array_equal(out.numpy(), psum.astype(np.float32))
+
+
 @pytest.mark.parametrize("lanes", [16, 8, 4])
 def test_layout_primfuncs_equal_the_numpy_layout(lanes):
     rng = np.random.default_rng(lanes)
@@ -105,3 +135,4 @@ def test_isa_choice_and_supported_shapes():
     assert not cpu.supports(172, 576, 128, ISA["avx512vnni"])    # N not whole blocks of 16
     assert not cpu.supports(64, 172, None, ISA["avx2"])           # K not whole words of 8
     assert not cpu.supports(64, 576, 36, ISA["avx2"])             # groups not whole words
+    assert cpu.supports_w8a8(576, 1536, ISA["avx512vnni"]) and not cpu.supports_w8a8(576, 1536, ISA["avx2"])

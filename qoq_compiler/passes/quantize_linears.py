@@ -96,8 +96,9 @@ class W8A8Linear(nn.Module):
     def forward(self, x: Tensor | QuantizedActivation) -> Tensor:
         a = x if isinstance(x, QuantizedActivation) else quantize(self.ops, x)
         bias = [self.bias] if self.bias is not None else []
+        n, k = self.weight.shape
         return self.ops.emit("w8a8_linear", [a.qx, a.sx, self.weight, self.weight_scale, *bias],
-                             bias=self.bias is not None, dtype=self.dtype)
+                             n=int(n), k=int(k), bias=self.bias is not None, dtype=self.dtype)
 
 
 class W4A8Linear(nn.Module):
