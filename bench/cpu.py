@@ -14,7 +14,7 @@ Every engine sees the same random prompt ids (fixed seed, never all one token), 
     decode              127 tokens after a 128-token prompt / their time (median of 3)
     batch 8             8 prompts of 128 tokens, 128 greedy tokens each, generated tokens / time
                         (llama-cpp-python's high-level API runs one sequence: not measured)
-    peak RSS            the child's ``ru_maxrss`` after all of the above
+    peak RSS            the child's peak resident set (``VmHWM``) after all of the above
 The EOS token is not honoured: every run generates all its tokens. Then the decode step of the
 W4A8KV4 build by kernel kind, timed through the Relax VM's instrument hook (each call timed from
 Python: calls under ~10 us read a few us high). Prints Markdown for bench/RESULTS.md.
@@ -188,6 +188,15 @@ def run_transformers(gguf: str, threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (``VmHWM``: its own address space's high-water
+    mark; ``ru_maxrss`` would report the parent's peak, which Linux carries across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args) -> None:
     if args.engine == "qoqc":
         out = run_qoqc(args.path, args.profile)
@@ -195,7 +204,7 @@ def child(args) -> None:
         out = run_llama_cpp(args.path, args.threads)
     else:
         out = run_transformers(args.path, args.threads)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss()
     print("RESULT " + json.dumps(out))
 
 

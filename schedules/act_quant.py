@@ -37,6 +37,8 @@ from .toolkit import Launch
 
 THREADS = 256
 LOG_THREADS = 8
+#: the CPU form runs fewer rows than this on one core (see ``act_quant_cpu``)
+PARALLEL_ROWS = 4
 
 
 def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> tirx.PrimFunc:
@@ -234,3 +236,194 @@ def with_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
     takes it off again (``schedules.pipeline``)."""
     root = s_tir.SBlock([], [], [], "root", func.body)
     return func.with_body(s_tir.SBlockRealize([], tirx.const(True, "bool"), root))
+
+
+def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.PrimFunc:
+    """``act_quant`` for CPUs, vectorized: the same PrimFunc signature and the same arithmetic in the
+    same order. Rows run in parallel; within a row, the THREADS partial sums of the block kernel
+    (element i in partial i % THREADS, each partial summed in increasing i) are THREADS vector lanes,
+    and the tree that combines them halves a vector at each step. So every sum, and so every output,
+    equals the CPU and CUDA forms' bit for bit, where those walk the THREADS threads one at a time."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown activation-quantization kind {kind!r} (one of {', '.join(KINDS)})")
+    full, rem = k // THREADS, k % THREADS
+    floor, inv_k, eps_ = (tirx.const(v, "float32") for v in (RANGE_FLOOR, 1.0 / k, eps))
+    attrs = Launch(False).attrs
+
+    def rounded(v):
+        return T.Cast("float32", T.Cast(dtype, v))
+
+    def silu_mul(gu, b, t, i):
+        g, u = T.Cast("float32", gu[b, t, i]), T.Cast("float32", gu[b, t, k + i])
+        return rounded(g / (T.float32(1) + T.exp(-g)) * u)
+
+    def normed(x, w, b, t, i, rs):
+        return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
+
+    def summed(x, d, b, t, i):
+        return rounded(T.Cast("float32", x[b, t, i]) + T.Cast("float32", d[b, t, i]))
+
+    def quant(v, scale):
+        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+
+    @T.macro
+    def halve(red, w, is_max):
+        for tid in T.vectorized(w):
+            if is_max:
+                red[tid] = T.max(red[tid], red[tid + w])
+            else:
+                red[tid] = red[tid] + red[tid + w]
+
+    @T.macro
+    def tree(red, is_max):
+        """red[0] = max or sum of red[0:256], as ``act_quant``'s block tree (THREADS = 256)."""
+        halve(red, 128, is_max)
+        halve(red, 64, is_max)
+        halve(red, 32, is_max)
+        halve(red, 16, is_max)
+        halve(red, 8, is_max)
+        halve(red, 4, is_max)
+        halve(red, 2, is_max)
+        halve(red, 1, is_max)
+
+    @T.macro
+    def lanes(red, init, update):
+        """red[tid] = update over i = tid, tid + THREADS, ... < K of ``update(acc, i)``, from ``init``."""
+        for tid in T.vectorized(THREADS):
+            red[tid] = init
+        for j in range(full):
+            for tid in T.vectorized(THREADS):
+                red[tid] = update(red[tid], j * THREADS + tid)
+        if rem > 0:
+            for tid in T.vectorized(rem):
+                red[tid] = update(red[tid], full * THREADS + tid)
+
+    @T.macro
+    def quantize_row(value, qx, sx, xsum, b, t, fred, ired):
+        """qx, sx, xsum of the row ``value(i)``: the max tree, then the codes and their sum."""
+        lanes(fred, T.float32(0), lambda acc, i: T.max(acc, T.abs(value(i))))
+        tree(fred, True)
+        fred[0] = T.Cast("float32", T.Cast("float16", T.max(fred[0], floor) / T.float32(INT8_MAX)))
+        sx[b, t, 0] = T.Cast("float16", fred[0])
+        for tid in T.vectorized(THREADS):
+            ired[tid] = 0
+        for j in range(full):
+            for tid in T.vectorized(THREADS):
+                qx[b, t, j * THREADS + tid] = quant(value(j * THREADS + tid), fred[0])
+                ired[tid] = ired[tid] + T.Cast("int32", quant(value(j * THREADS + tid), fred[0]))
+        if rem > 0:
+            for tid in T.vectorized(rem):
+                qx[b, t, full * THREADS + tid] = quant(value(full * THREADS + tid), fred[0])
+                ired[tid] = ired[tid] + T.Cast("int32", quant(value(full * THREADS + tid), fred[0]))
+        tree(ired, False)
+        xsum[b, t, 0] = ired[0]
+
+    @T.macro
+    def norm_quantize(x, w, qx, sx, xsum, b, t, fred, ired, rs):
+        """RMSNorm of row x[b, t] (its sum of squares in fred[0]), then quantize."""
+        rs[0] = T.rsqrt(fred[0] * inv_k + eps_)
+        quantize_row(lambda i: normed(x, w, b, t, i, rs[0]), qx, sx, xsum, b, t, fred, ired)
+
+    @T.macro
+    def quantize_one(x, qx, sx, xsum, b, t):
+        fred = T.alloc_buffer((THREADS,), "float32")
+        ired = T.alloc_buffer((THREADS,), "int32")
+        quantize_row(lambda i: T.Cast("float32", x[b, t, i]), qx, sx, xsum, b, t, fred, ired)
+
+    @T.macro
+    def rmsnorm_one(x, w, qx, sx, xsum, b, t):
+        fred = T.alloc_buffer((THREADS,), "float32")
+        ired = T.alloc_buffer((THREADS,), "int32")
+        rs = T.alloc_buffer((1,), "float32")
+        lanes(fred, T.float32(0), lambda acc, i: acc + T.Cast("float32", x[b, t, i]) * T.Cast("float32", x[b, t, i]))
+        tree(fred, False)
+        norm_quantize(x, w, qx, sx, xsum, b, t, fred, ired, rs)
+
+    @T.macro
+    def add_rmsnorm_one(x, d, w, x_out, qx, sx, xsum, b, t):
+        for j in range(full):
+            for tid in T.vectorized(THREADS):
+                x_out[b, t, j * THREADS + tid] = T.Cast(dtype, summed(x, d, b, t, j * THREADS + tid))
+        if rem > 0:
+            for tid in T.vectorized(rem):
+                x_out[b, t, full * THREADS + tid] = T.Cast(dtype, summed(x, d, b, t, full * THREADS + tid))
+        rmsnorm_one(x_out, w, qx, sx, xsum, b, t)
+
+    @T.macro
+    def silu_mul_one(gu, qx, sx, xsum, b, t):
+        fred = T.alloc_buffer((THREADS,), "float32")
+        ired = T.alloc_buffer((THREADS,), "int32")
+        quantize_row(lambda i: silu_mul(gu, b, t, i), qx, sx, xsum, b, t, fred, ired)
+
+    # rows run in parallel from PARALLEL_ROWS rows on: decode's single row would wait ~5 us for the
+    # thread pool, 20 times its own work (the branch is on the row count, at run time)
+    if kind == "quantize":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            if nb * nt >= PARALLEL_ROWS:
+                for row in T.parallel(nb * nt):
+                    quantize_one(x, qx, sx, xsum, row // nt, row % nt)
+            else:
+                for row in range(nb * nt):
+                    quantize_one(x, qx, sx, xsum, row // nt, row % nt)
+
+    elif kind == "rmsnorm":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_w: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            w = T.match_buffer(var_w, (k,), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            if nb * nt >= PARALLEL_ROWS:
+                for row in T.parallel(nb * nt):
+                    rmsnorm_one(x, w, qx, sx, xsum, row // nt, row % nt)
+            else:
+                for row in range(nb * nt):
+                    rmsnorm_one(x, w, qx, sx, xsum, row // nt, row % nt)
+
+    elif kind == "add_rmsnorm":
+        @T.prim_func(private=True)
+        def func(var_x: T.handle, var_d: T.handle, var_w: T.handle, var_out: T.handle, var_qx: T.handle,
+                 var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            x = T.match_buffer(var_x, (nb, nt, k), dtype)
+            d = T.match_buffer(var_d, (nb, nt, k), dtype)
+            w = T.match_buffer(var_w, (k,), dtype)
+            x_out = T.match_buffer(var_out, (nb, nt, k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            if nb * nt >= PARALLEL_ROWS:
+                for row in T.parallel(nb * nt):
+                    add_rmsnorm_one(x, d, w, x_out, qx, sx, xsum, row // nt, row % nt)
+            else:
+                for row in range(nb * nt):
+                    add_rmsnorm_one(x, d, w, x_out, qx, sx, xsum, row // nt, row % nt)
+
+    else:
+        @T.prim_func(private=True)
+        def func(var_gu: T.handle, var_qx: T.handle, var_sx: T.handle, var_xsum: T.handle):
+            T.func_attr(attrs)
+            nb, nt = T.int64(), T.int64()
+            gu = T.match_buffer(var_gu, (nb, nt, 2 * k), dtype)
+            qx = T.match_buffer(var_qx, (nb, nt, k), "int8")
+            sx = T.match_buffer(var_sx, (nb, nt, 1), "float16")
+            xsum = T.match_buffer(var_xsum, (nb, nt, 1), "int32")
+            if nb * nt >= PARALLEL_ROWS:
+                for row in T.parallel(nb * nt):
+                    silu_mul_one(gu, qx, sx, xsum, row // nt, row % nt)
+            else:
+                for row in range(nb * nt):
+                    silu_mul_one(gu, qx, sx, xsum, row // nt, row % nt)
+
+    return with_root_block(func)

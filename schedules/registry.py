@@ -8,7 +8,8 @@ Two halves, handed in by the compiler (the frontend and ``passes`` import no ker
               the call's parameters
 
     op             definition (emitted)                 kernels, in order of preference
-    act_quant      act_quant, CPU form                  act_quant CUDA form | act_quant CPU form
+    act_quant      act_quant, CPU form                  act_quant_cpu (llvm: vectorized, same sums) |
+                                                        act_quant CUDA form | act_quant CPU form
     argmax         argmax, CPU form                     argmax CUDA form | argmax CPU form
     w8a8_linear    TE: W8A8 GEMM + bias, cast           w8a8_gemm_<isa> (llvm: VNNI or sdot; not AVX2,
                                                         whose int16 pairs saturate on 8-bit weights)
@@ -246,26 +247,37 @@ def _w4a8_portable(call: Call, p: dict) -> relax.Expr:
     return _linear_tail(call, y, "float32", p, 6)
 
 
+def _rows3(call: Call, x: relax.Expr, width: int) -> relax.Expr:
+    """x [..., width] as [B0, B1, width] for the CPU GEMMs: the model's rank-3 activations as they
+    are (no reshape: each is a VM call), any other rank reshaped."""
+    return x if len(x.ty.shape.values) == 3 else call.emit(relax.op.reshape(x, (1, -1, width)))
+
+
+def _cpu_gemm_call(call: Call, gemm: tirx.PrimFunc, args: list, n: int, y_dtype: str, name: str) -> relax.Expr:
+    """The CPU GEMM on rank-3 rows, its output back in the call's leading shape."""
+    lead = _lead(call.args[0])
+    rows = list(args[0].ty.shape.values[:2])
+    y = call.tir(gemm, args, relax.TensorType((*rows, n), y_dtype), name)
+    return y if len(lead) == 2 else relax.op.reshape(call.emit(y), (*lead, n))
+
+
 def _w4a8_cpu(isa: w4a8_gemm_cpu.Isa, call: Call, p: dict) -> relax.Expr:
-    """[..., K] -> [tokens, K] -> the dot-product GEMM (the output dtype, or fp32 before a bias)
-    -> [..., N]; codes, and per group s2 and z2, into the kernel's layout."""
+    """The dot-product GEMM on the [B0, B1, K] rows (the output dtype, or fp32 before a bias);
+    codes, and per group s2 and z2, into the kernel's layout."""
     n, k, group = p["n"], p["k"], p["group"]
     q, s1, e0, e1 = call.args[2:6]
     qv = call.weight_layout(partial(w4a8_gemm_cpu.cpu_pack_codes, lanes=isa.lanes), q, "cpu_pack_codes")
     if group is not None:
         e0, e1 = (call.weight_layout(partial(w4a8_gemm_cpu.cpu_channel_groups, lanes=isa.lanes), e,
                                      "cpu_channel_groups") for e in (e0, e1))
-    qx, sx = call.args[:2]
-    lead = _lead(qx)
-    qx, sx = call.emit(relax.op.reshape(qx, (-1, k))), call.emit(relax.op.reshape(sx, (-1, 1)))
-    if group is None:
-        e1 = call.emit(relax.op.reshape(e1, (-1, 1)))
+    else:
+        e1 = _rows3(call, e1, 1)
+    qx, sx = _rows3(call, call.args[0], k), _rows3(call, call.args[1], 1)
     y_dtype = "float32" if p["bias"] else p["dtype"]
     gemm = call.func(("w4a8_gemm_cpu", isa.name, n, k, group, y_dtype),
                      lambda: w4a8_gemm_cpu.cpu_gemm(n, k, group, isa, y_dtype))
-    tokens = qx.ty.shape.values[0]
-    y = call.emit(call.tir(gemm, [qx, sx, qv, s1, e0, e1], relax.TensorType((tokens, n), y_dtype), "w4a8_gemm"))
-    return _linear_tail(call, relax.op.reshape(y, (*lead, n)), y_dtype, p, 6)
+    y = _cpu_gemm_call(call, gemm, [qx, sx, qv, s1, e0, e1], n, y_dtype, "w4a8_gemm")
+    return _linear_tail(call, y, y_dtype, p, 6)
 
 
 def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
@@ -284,19 +296,16 @@ def _w4a8_tensor_core(call: Call, p: dict) -> relax.Expr:
 
 
 def _w8a8_cpu(isa: w4a8_gemm_cpu.Isa, call: Call, p: dict) -> relax.Expr:
-    """[..., K] -> [tokens, K] -> the CPU dot-product GEMM on the offset weight bytes -> [..., N]."""
+    """The CPU dot-product GEMM on the offset weight bytes, rows as in ``_w4a8_cpu``."""
     n, k = p["n"], p["k"]
-    qx, sx, qw, sw = call.args[:4]
     pack = partial(w4a8_gemm_cpu.cpu_pack_bytes, lanes=isa.lanes, offset=w4a8_gemm_cpu.w8_offset(isa))
-    qv = call.weight_layout(pack, qw, "cpu_pack_bytes")
-    lead = _lead(qx)
-    qx, sx = call.emit(relax.op.reshape(qx, (-1, k))), call.emit(relax.op.reshape(sx, (-1, 1)))
+    qv = call.weight_layout(pack, call.args[2], "cpu_pack_bytes")
+    qx, sx = _rows3(call, call.args[0], k), _rows3(call, call.args[1], 1)
     y_dtype = "float32" if p["bias"] else p["dtype"]
     gemm = call.func(("w8a8_gemm_cpu", isa.name, n, k, y_dtype),
                      lambda: w4a8_gemm_cpu.cpu_gemm(n, k, None, isa, y_dtype, bits=8))
-    tokens = qx.ty.shape.values[0]
-    y = call.emit(call.tir(gemm, [qx, sx, qv, sw], relax.TensorType((tokens, n), y_dtype), "w8a8_gemm"))
-    return _linear_tail(call, relax.op.reshape(y, (*lead, n)), y_dtype, p, 4)
+    y = _cpu_gemm_call(call, gemm, [qx, sx, qv, call.args[3]], n, y_dtype, "w8a8_gemm")
+    return _linear_tail(call, y, y_dtype, p, 4)
 
 
 def _w8a8(call: Call, p: dict) -> relax.Expr:
@@ -337,6 +346,9 @@ def _kv4_split(call: Call, p: dict) -> relax.Expr:
 
 ALL = ("llvm", "cuda")
 REGISTRY = Registry([
+    Kernel("act_quant_cpu", "act_quant", ("llvm",),
+           lambda call, p: call.tir(call.func(("act_quant_cpu", json.dumps(p, sort_keys=True)),
+                                              lambda: act_quant.act_quant_cpu(**p))), act_quant_ref.reference),
     Kernel("act_quant", "act_quant", ALL, _same(act_quant.act_quant), act_quant_ref.reference),
     Kernel("argmax", "argmax", ALL, _same(argmax.argmax), argmax_ref.reference),
     *(Kernel(f"w8a8_gemm_{isa.name}", "w8a8_linear", ("llvm",), partial(_w8a8_cpu, isa), w8a8_ref.reference,

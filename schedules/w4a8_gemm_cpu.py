@@ -43,6 +43,9 @@ from tvm.script import tirx as T
 from qoq_compiler.formats import ceildiv
 
 TOKENS = 8
+#: fewer rows than this are summed on one core: waking the thread pool cost ~5 us on 2 cores,
+#: a row of 1536 sums well under 1 us
+PARALLEL_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,10 @@ def w8_offset(isa: Isa) -> int:
 
 
 def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str, bits: int = 4) -> tirx.PrimFunc:
-    """PrimFunc (qx, sx, qv, s1, e0, e1, y) for M tokens: qx [M, K] int8, sx [M, 1] fp16, qv
-    [N/L, K/8, L] uint32, s1 [N] fp16, (e0, e1) = (s2, z2) int8 [N/L, G, L] per group or
-    (z [N] fp16, xsum [M, 1] int32) per channel; y [M, N] in ``dtype``.
+    """PrimFunc (qx, sx, qv, s1, e0, e1, y) for B0 x B1 = M tokens (the model's [batch, tokens]
+    rows, taken as they are: no reshape around the call): qx [B0, B1, K] int8, sx [B0, B1, 1]
+    fp16, qv [N/L, K/8, L] uint32, s1 [N] fp16, (e0, e1) = (s2, z2) int8 [N/L, G, L] per group
+    or (z [N] fp16, xsum [B0, B1, 1] int32) per channel; y [B0, B1, N] in ``dtype``.
 
     ``bits=8``: the W8A8 GEMM, PrimFunc (qx, sx, qv, sw, y): qv [N/L, K/4, L] holds the int8 weights
     plus ``w8_offset`` as bytes (``cpu_pack_bytes``), four inputs a word, one dot product each;
@@ -166,13 +170,22 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str, bits: int 
                 y[t0 + i, b * L + lane] = epilogue(tot, sx, s1, e0, e1, t0 + i, b * L + lane, lane, i)
 
     @T.macro
+    def row_sums(qx, xs, t):
+        for g in range(g_count):
+            xs[t, g] = 0
+            for kk in range(T.min(group if per_group else k, k - g * group if per_group else k)):
+                xs[t, g] = xs[t, g] + T.Cast("int32", qx[t, (g * group if per_group else 0) + kk])
+
+    @T.macro
     def group_sums(qx, xs, m):
-        """xs[t, g] = sum of token t's activations in group g (one group of K for W8A8)."""
-        for t in T.parallel(m):
-            for g in range(g_count):
-                xs[t, g] = 0
-                for kk in range(T.min(group if per_group else k, k - g * group if per_group else k)):
-                    xs[t, g] = xs[t, g] + T.Cast("int32", qx[t, (g * group if per_group else 0) + kk])
+        """xs[t, g] = sum of token t's activations in group g (one group of K for W8A8); rows in
+        parallel from PARALLEL_ROWS on (a parallel launch costs more than a few rows' sums)."""
+        if m >= PARALLEL_ROWS:
+            for t in T.parallel(m):
+                row_sums(qx, xs, t)
+        else:
+            for t in range(m):
+                row_sums(qx, xs, t)
 
     @T.macro
     def gemm(qx, sx, qv, s1, e0, e1, xs, y, m):
@@ -186,12 +199,16 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str, bits: int 
         @T.prim_func(private=True)
         def func8(var_qx: T.handle, var_sx: T.handle, var_qv: T.handle, var_sw: T.handle, var_y: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            m = T.int64()
-            qx = T.match_buffer(var_qx, (m, k), "int8")
-            sx = T.match_buffer(var_sx, (m, 1), "float16")
+            b0, b1 = T.int64(), T.int64()
+            qx3 = T.match_buffer(var_qx, (b0, b1, k), "int8")
+            sx3 = T.match_buffer(var_sx, (b0, b1, 1), "float16")
             qv = T.match_buffer(var_qv, (nb, words, L), "uint32")
             sw = T.match_buffer(var_sw, (n,), "float16")
-            y = T.match_buffer(var_y, (m, n), dtype)
+            y3 = T.match_buffer(var_y, (b0, b1, n), dtype)
+            m = T.meta_var(b0 * b1)
+            qx = T.decl_buffer((m, k), "int8", data=qx3.data)
+            sx = T.decl_buffer((m, 1), "float16", data=sx3.data)
+            y = T.decl_buffer((m, n), dtype, data=y3.data)
             xs = T.alloc_buffer((m, 1) if offset != 0 else (1, 1), "int32")
             if offset != 0:
                 group_sums(qx, xs, m)
@@ -203,14 +220,19 @@ def cpu_gemm(n: int, k: int, group: int | None, isa: Isa, dtype: str, bits: int 
     def func(var_qx: T.handle, var_sx: T.handle, var_qv: T.handle, var_s1: T.handle, var_e0: T.handle,
              var_e1: T.handle, var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        qx = T.match_buffer(var_qx, (m, k), "int8")
-        sx = T.match_buffer(var_sx, (m, 1), "float16")
+        b0, b1 = T.int64(), T.int64()
+        qx3 = T.match_buffer(var_qx, (b0, b1, k), "int8")
+        sx3 = T.match_buffer(var_sx, (b0, b1, 1), "float16")
         qv = T.match_buffer(var_qv, (nb, words, L), "uint32")
         s1 = T.match_buffer(var_s1, (n,), "float16")
         e0 = T.match_buffer(var_e0, e0_shape, e0_dtype)
-        e1 = T.match_buffer(var_e1, e0_shape if per_group else (m, 1), e0_dtype if per_group else "int32")
-        y = T.match_buffer(var_y, (m, n), dtype)
+        e13 = T.match_buffer(var_e1, e0_shape if per_group else (b0, b1, 1), e0_dtype if per_group else "int32")
+        y3 = T.match_buffer(var_y, (b0, b1, n), dtype)
+        m = T.meta_var(b0 * b1)
+        qx = T.decl_buffer((m, k), "int8", data=qx3.data)
+        sx = T.decl_buffer((m, 1), "float16", data=sx3.data)
+        e1 = T.decl_buffer(e0_shape if per_group else (m, 1), e0_dtype if per_group else "int32", data=e13.data)
+        y = T.decl_buffer((m, n), dtype, data=y3.data)
         xs = T.alloc_buffer((m, g_count) if per_group else (1, 1), "int32")
         if per_group:
             group_sums(qx, xs, m)

@@ -83,7 +83,8 @@ def test_w4a8_linear_on_llvm_is_the_portable_gemm_then_bias_and_cast():
 
 @pytest.mark.parametrize("target,isa", [(VNNI, "avx512vnni"), (AVX2, "avx2")], ids=["vnni", "avx2"])
 def test_w4a8_linear_on_a_dot_product_cpu_is_its_gemm_on_token_rows(target, isa):
-    """The CPU's best instruction set picks the kernel; weights into its layout; fp32 before a bias."""
+    """The CPU's best instruction set picks the kernel; weights into its layout; the [1, T, K] rows
+    without a reshape; fp32 before a bias."""
     isa = next(i for i in w4a8_gemm_cpu.ISAS if i.name == isa)
     params = _linear_params(256, 64, bias=True)
     before = _before(params, "w4a8_linear", n=64, k=256, group=128, bias=True, dtype="float16")
@@ -94,13 +95,9 @@ def test_w4a8_linear_on_a_dot_product_cpu_is_its_gemm_on_token_rows(target, isa)
                                 primfunc_name_hint="cpu_pack_codes", primfunc_attrs=tag))
         s2, z2 = (bb.emit(bb.call_te(partial(w4a8_gemm_cpu.cpu_channel_groups, lanes=isa.lanes), e,
                                      primfunc_name_hint="cpu_channel_groups", primfunc_attrs=tag)) for e in (s2, z2))
-        lead = list(qx.ty.shape.values[:-1])
-        qx2 = bb.emit(relax.op.reshape(qx, (-1, 256)))
-        sx2 = bb.emit(relax.op.reshape(sx, (-1, 1)))
         gemm = bb.add_func(w4a8_gemm_cpu.cpu_gemm(64, 256, 128, isa, "float32"), "w4a8_gemm")
-        y = bb.emit(relax.call_tir(gemm, [qx2, sx2, qv, s1, s2, z2],
-                                   relax.TensorType((qx2.ty.shape.values[0], 64), "float32")))
-        y = bb.emit(relax.op.reshape(y, (*lead, 64)))
+        y = bb.emit(relax.call_tir(gemm, [qx, sx, qv, s1, s2, z2],  # the rank-3 rows as they are
+                                   relax.TensorType((*qx.ty.shape.values[:2], 64), "float32")))
         y = bb.emit(relax.op.add(y, b))
         return relax.op.astype(y, "float16")
 
@@ -170,8 +167,9 @@ def test_act_quant_takes_the_targets_form(target):
     before = _module([x, w], before_body)
 
     def expected(bb, x, w):
-        gv = bb.add_func(act_quant.act_quant("rmsnorm", 64, "float16", target.kind.name == "cuda", 1e-5),
-                         "rmsnorm_quantize")
+        func = (act_quant.act_quant("rmsnorm", 64, "float16", True, 1e-5) if target.kind.name == "cuda"
+                else act_quant.act_quant_cpu("rmsnorm", 64, "float16", 1e-5))
+        gv = bb.add_func(func, "rmsnorm_quantize")
         res = bb.emit(relax.call_tir(gv, [x, w], [o._expr.ty for o in out]))
         return relax.Tuple([bb.emit(relax.TupleGetItem(res, i)) for i in range(3)])
 

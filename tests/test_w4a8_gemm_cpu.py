@@ -44,6 +44,12 @@ def _case(m, k, n, group, lanes, rng):
     return (qx, sx, qv, s1, *tail), psum, y
 
 
+def _rank3(ins, group):
+    """The token-row arguments (qx, sx, and per channel xsum) as the model passes them: [1, M, ...]."""
+    rows = {0, 1} if group is not None else {0, 1, 5}
+    return tuple(a[None] if i in rows else a for i, a in enumerate(ins))
+
+
 @pytest.mark.parametrize("isa", [i.name for i in cpu.ISAS if set(i.features) <= HOST_FEATURES])
 @pytest.mark.parametrize("m,k,n,group", [(1, 576, 96, 128), (13, 576, 64, 128), (9, 1536, 48, 128),
                                          (3, 64, 32, None), (17, 256, 16, 32)])
@@ -53,17 +59,18 @@ def test_cpu_gemm_equals_reference(isa, m, k, n, group):
         pytest.skip("N is not a multiple of the lanes")
     rng = np.random.default_rng(m * k + n)
     ins, psum, y = _case(m, k, n, group, isa.lanes, rng)
+    ins = _rank3(ins, group)
     lib = _build(cpu.cpu_gemm(n, k, group, isa, "float16"))
-    out = _t(np.full((m, n), np.nan, np.float16))
+    out = _t(np.full((1, m, n), np.nan, np.float16))
     lib["main"](*map(_t, ins), out)
-    np.testing.assert_array_equal(out.numpy(), y)
+    np.testing.assert_array_equal(out.numpy()[0], y)
     # the int32 accumulators exactly: unit scales, no zero term, fp32 output
     ones = [np.ones_like(ins[1]), np.ones_like(ins[3])]
     tail = ins[4:] if group is not None else (np.zeros_like(ins[4]), ins[5])
-    out32 = _t(np.full((m, n), np.nan, np.float32))
+    out32 = _t(np.full((1, m, n), np.nan, np.float32))
     _build(cpu.cpu_gemm(n, k, group, isa, "float32"))["main"](*map(_t, (ins[0], ones[0], ins[2], ones[1], *tail)),
                                                            out32)
-    np.testing.assert_array_equal(out32.numpy(), psum.astype(np.float32))
+    np.testing.assert_array_equal(out32.numpy()[0], psum.astype(np.float32))
 
 
 @pytest.mark.parametrize("isa", [i.name for i in cpu.ISAS if set(i.features) <= HOST_FEATURES and i.bytes_exact])
@@ -86,14 +93,14 @@ def test_cpu_w8a8_gemm_equals_reference(isa, m, k, n):
     w = te.placeholder((n, k), "int8", name="w")
     qv = _t(np.zeros((n // isa.lanes, k // 4, isa.lanes), np.uint32))
     _build(te.create_prim_func([w, cpu.cpu_pack_bytes(w, isa.lanes, cpu.w8_offset(isa))]))["main"](_t(qw), qv)
-    out = _t(np.full((m, n), np.nan, np.float32))
+    out = _t(np.full((m, 1, n), np.nan, np.float32))  # rows as decode passes them: [batch, 1]
+    qx8 = _t(qx.astype(np.int8)[:, None])
     _build(cpu.cpu_gemm(n, k, None, isa, "float32", bits=8))["main"](
-        _t(qx.astype(np.int8)), _t(sx.astype(np.float16)), qv, _t(sw[:, 0].astype(np.float16)), out)
-    np.testing.assert_array_equal(out.numpy(), y)
-    ones = _t(np.full((m, 1), 1, np.float16))
-    _build(cpu.cpu_gemm(n, k, None, isa, "float32", bits=8))["main"](
-        _t(qx.astype(np.int8)), ones, qv, _t(np.ones(n, np.float16)), out)
-    np.testing.assert_array_equal(out.numpy(), psum.astype(np.float32))
+        qx8, _t(sx.astype(np.float16)[:, None]), qv, _t(sw[:, 0].astype(np.float16)), out)
+    np.testing.assert_array_equal(out.numpy()[:, 0], y)
+    ones = _t(np.full((m, 1, 1), 1, np.float16))
+    _build(cpu.cpu_gemm(n, k, None, isa, "float32", bits=8))["main"](qx8, ones, qv, _t(np.ones(n, np.float16)), out)
+    np.testing.assert_array_equal(out.numpy()[:, 0], psum.astype(np.float32))
 
 
 @pytest.mark.parametrize("lanes", [16, 8, 4])
