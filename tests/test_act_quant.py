@@ -15,10 +15,12 @@ FORMS = {"block": lambda kind, k, dtype: act_quant.act_quant(kind, k, dtype, gpu
          "cpu": lambda kind, k, dtype: act_quant.act_quant_cpu(kind, k, dtype, eps=1e-5)}
 
 
-@pytest.mark.parametrize("form,rows", [("block", (2, 3)), ("cpu", (2, 3)), ("cpu", (1, 1))],
-                         ids=["block", "cpu-parallel-rows", "cpu-one-row"])
+SHAPES = [(64, "float32"), (300, "float32"), (576, "float16"), (1000, "float16")]
+
+
 @pytest.mark.parametrize("kind", ref.KINDS)
-@pytest.mark.parametrize("k,dtype", [(64, "float32"), (300, "float32"), (576, "float16"), (1000, "float16")])
+@pytest.mark.parametrize("form,rows,k,dtype", [("block", (2, 3), *s) for s in SHAPES]
+                         + [("cpu", (2, 3), *s) for s in SHAPES] + [("cpu", (1, 1), *s) for s in SHAPES[2:]])
 def test_act_quant_equals_reference(form, rows, kind, k, dtype):
     rng = np.random.default_rng(k)
     func = FORMS[form](kind, k, dtype)
