@@ -41,6 +41,30 @@ LOG_THREADS = 8
 PARALLEL_ROWS = 4
 
 
+def _elementwise(k: int, dtype: str):
+    """The per-element expressions of both forms (so both compute the same values): rounded(v) (fp32
+    rounded to the model dtype and back), silu_mul, normed (RMSNorm given the row's rsqrt), summed
+    (the residual add, rounded), quant (the int8 code of v at a scale)."""
+
+    def rounded(v):
+        return T.Cast("float32", T.Cast(dtype, v))
+
+    def silu_mul(gu, b, t, i):
+        g, u = T.Cast("float32", gu[b, t, i]), T.Cast("float32", gu[b, t, k + i])
+        return rounded(g / (T.float32(1) + T.exp(-g)) * u)
+
+    def normed(x, w, b, t, i, rs):
+        return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
+
+    def summed(x, d, b, t, i):
+        return rounded(T.Cast("float32", x[b, t, i]) + T.Cast("float32", d[b, t, i]))
+
+    def quant(v, scale):
+        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+
+    return rounded, silu_mul, normed, summed, quant
+
+
 def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> tirx.PrimFunc:
     """PrimFunc of ``kind`` (see the module docstring) for rows of K values in ``dtype``:
         quantize     (x, qx, sx, xsum)
@@ -55,19 +79,7 @@ def act_quant(kind: str, k: int, dtype: str, gpu: bool, eps: float = 1e-6) -> ti
     per_thread = ceildiv(k, THREADS)
     floor, inv_k, eps_ = (tirx.const(v, "float32") for v in (RANGE_FLOOR, 1.0 / k, eps))
 
-    def rounded(v):
-        """v (fp32) rounded to the model dtype, back in fp32."""
-        return T.Cast("float32", T.Cast(dtype, v))
-
-    def silu_mul(gu, b, t, i):
-        g, u = T.Cast("float32", gu[b, t, i]), T.Cast("float32", gu[b, t, k + i])
-        return rounded(g / (T.float32(1) + T.exp(-g)) * u)
-
-    def normed(x, w, b, t, i, rs):
-        return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
-
-    def quant(v, scale):
-        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+    rounded, silu_mul, normed, _, quant = _elementwise(k, dtype)
 
     @T.macro
     def tree(red, is_max):
@@ -250,21 +262,7 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
     floor, inv_k, eps_ = (tirx.const(v, "float32") for v in (RANGE_FLOOR, 1.0 / k, eps))
     attrs = Launch(False).attrs
 
-    def rounded(v):
-        return T.Cast("float32", T.Cast(dtype, v))
-
-    def silu_mul(gu, b, t, i):
-        g, u = T.Cast("float32", gu[b, t, i]), T.Cast("float32", gu[b, t, k + i])
-        return rounded(g / (T.float32(1) + T.exp(-g)) * u)
-
-    def normed(x, w, b, t, i, rs):
-        return rounded(T.Cast("float32", x[b, t, i]) * rs * T.Cast("float32", w[i]))
-
-    def summed(x, d, b, t, i):
-        return rounded(T.Cast("float32", x[b, t, i]) + T.Cast("float32", d[b, t, i]))
-
-    def quant(v, scale):
-        return T.Cast("int8", T.min(T.max(T.round(v / scale), T.float32(-INT8_MAX)), T.float32(INT8_MAX)))
+    _, silu_mul, normed, summed, quant = _elementwise(k, dtype)
 
     @T.macro
     def halve(red, w, is_max):
