@@ -6,8 +6,8 @@ Model: the embedded SmolLM2-135M-Instruct (its Q4_1 GGUF). Engines, each in a ch
 own (so its peak RSS is its own), all with ``--threads`` threads (``TVM_NUM_THREADS``,
 ``torch.set_num_threads``, llama.cpp ``n_threads`` and ``n_threads_batch``):
     qoqc-<quant>   artifacts compiled here for ``--target llvm`` (this CPU), reused from ``--out``
-    llama.cpp      the same GGUF through ``llama-cpp-python`` (optional: ``pip install
-                   llama-cpp-python``, built from PyPI for this CPU); its row is left out without it
+    llama.cpp      the same GGUF through ``llama-cpp-python`` (optional: ``pip install -e .[bench]``
+                   builds the pinned release from PyPI for this CPU); its row is left out without it
     transformers   the GGUF expanded to fp32, eager attention (torch's CPU matmuls are fp32)
 Every engine sees the same random prompt ids (fixed seed, never all one token), batch 1, greedy:
     prefill 128 / 512   prompt tokens / time to the first token (median of 3)

@@ -27,6 +27,8 @@ phase's threads one after another) and on CUDA. Reference: ``schedules/reference
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
@@ -253,9 +255,10 @@ def with_root_block(func: tirx.PrimFunc) -> tirx.PrimFunc:
 def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.PrimFunc:
     """``act_quant`` for CPUs, vectorized: the same PrimFunc signature and the same arithmetic in the
     same order. Rows run in parallel; within a row, the THREADS partial sums of the block kernel
-    (element i in partial i % THREADS, each partial summed in increasing i) are THREADS vector lanes,
-    and the tree that combines them halves a vector at each step. So every sum, and so every output,
-    equals the CPU and CUDA forms' bit for bit, where those walk the THREADS threads one at a time."""
+    (element i in partial i % THREADS, each partial summed in increasing i) are THREADS vector lanes
+    (taken 16 at a time: one zmm of fp32), and the tree that combines them halves them at each step.
+    So every sum, and so every output, equals the CPU and CUDA forms' bit for bit, where those walk
+    the THREADS threads one at a time. Fewer than PARALLEL_ROWS rows run on one core."""
     if kind not in KINDS:
         raise ValueError(f"unknown activation-quantization kind {kind!r} (one of {', '.join(KINDS)})")
     full, rem = k // THREADS, k % THREADS
@@ -264,13 +267,22 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
 
     _, silu_mul, normed, summed, quant = _elementwise(k, dtype)
 
+    def step(n: int) -> int:
+        """Vector width for n lanes: at most 16 (one zmm of fp32; wider vectors only slow LLVM)."""
+        return math.gcd(n, 16)
+
+    def at(to, ti, n: int):
+        """Lane to * step(n) + ti of an n-lane loop."""
+        return to * step(n) + ti
+
     @T.macro
     def halve(red, w, is_max):
-        for tid in T.vectorized(w):
-            if is_max:
-                red[tid] = T.max(red[tid], red[tid + w])
-            else:
-                red[tid] = red[tid] + red[tid + w]
+        for to in range(w // step(w)):
+            for ti in T.vectorized(step(w)):
+                if is_max:
+                    red[at(to, ti, w)] = T.max(red[at(to, ti, w)], red[at(to, ti, w) + w])
+                else:
+                    red[at(to, ti, w)] = red[at(to, ti, w)] + red[at(to, ti, w) + w]
 
     @T.macro
     def tree(red, is_max):
@@ -287,14 +299,18 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
     @T.macro
     def lanes(red, init, update):
         """red[tid] = update over i = tid, tid + THREADS, ... < K of ``update(acc, i)``, from ``init``."""
-        for tid in T.vectorized(THREADS):
-            red[tid] = init
+        for to in range(THREADS // step(THREADS)):
+            for ti in T.vectorized(step(THREADS)):
+                red[at(to, ti, THREADS)] = init
         for j in range(full):
-            for tid in T.vectorized(THREADS):
-                red[tid] = update(red[tid], j * THREADS + tid)
+            for to in range(THREADS // step(THREADS)):
+                for ti in T.vectorized(step(THREADS)):
+                    red[at(to, ti, THREADS)] = update(red[at(to, ti, THREADS)],
+                                                      j * THREADS + at(to, ti, THREADS))
         if rem > 0:
-            for tid in T.vectorized(rem):
-                red[tid] = update(red[tid], full * THREADS + tid)
+            for to in range(rem // step(rem)):
+                for ti in T.vectorized(step(rem)):
+                    red[at(to, ti, rem)] = update(red[at(to, ti, rem)], full * THREADS + at(to, ti, rem))
 
     @T.macro
     def quantize_row(value, qx, sx, xsum, b, t, fred, ired):
@@ -303,16 +319,23 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
         tree(fred, True)
         fred[0] = T.Cast("float32", T.Cast("float16", T.max(fred[0], floor) / T.float32(INT8_MAX)))
         sx[b, t, 0] = T.Cast("float16", fred[0])
-        for tid in T.vectorized(THREADS):
-            ired[tid] = 0
+        for to in range(THREADS // step(THREADS)):
+            for ti in T.vectorized(step(THREADS)):
+                ired[at(to, ti, THREADS)] = 0
         for j in range(full):
-            for tid in T.vectorized(THREADS):
-                qx[b, t, j * THREADS + tid] = quant(value(j * THREADS + tid), fred[0])
-                ired[tid] = ired[tid] + T.Cast("int32", quant(value(j * THREADS + tid), fred[0]))
+            for to in range(THREADS // step(THREADS)):
+                for ti in T.vectorized(step(THREADS)):
+                    qx[b, t, j * THREADS + at(to, ti, THREADS)] = quant(
+                        value(j * THREADS + at(to, ti, THREADS)), fred[0])
+                    ired[at(to, ti, THREADS)] = ired[at(to, ti, THREADS)] + T.Cast(
+                        "int32", quant(value(j * THREADS + at(to, ti, THREADS)), fred[0]))
         if rem > 0:
-            for tid in T.vectorized(rem):
-                qx[b, t, full * THREADS + tid] = quant(value(full * THREADS + tid), fred[0])
-                ired[tid] = ired[tid] + T.Cast("int32", quant(value(full * THREADS + tid), fred[0]))
+            for to in range(rem // step(rem)):
+                for ti in T.vectorized(step(rem)):
+                    qx[b, t, full * THREADS + at(to, ti, rem)] = quant(
+                        value(full * THREADS + at(to, ti, rem)), fred[0])
+                    ired[at(to, ti, rem)] = ired[at(to, ti, rem)] + T.Cast(
+                        "int32", quant(value(full * THREADS + at(to, ti, rem)), fred[0]))
         tree(ired, False)
         xsum[b, t, 0] = ired[0]
 
@@ -340,11 +363,15 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
     @T.macro
     def add_rmsnorm_one(x, d, w, x_out, qx, sx, xsum, b, t):
         for j in range(full):
-            for tid in T.vectorized(THREADS):
-                x_out[b, t, j * THREADS + tid] = T.Cast(dtype, summed(x, d, b, t, j * THREADS + tid))
+            for to in range(THREADS // step(THREADS)):
+                for ti in T.vectorized(step(THREADS)):
+                    x_out[b, t, j * THREADS + at(to, ti, THREADS)] = T.Cast(
+                        dtype, summed(x, d, b, t, j * THREADS + at(to, ti, THREADS)))
         if rem > 0:
-            for tid in T.vectorized(rem):
-                x_out[b, t, full * THREADS + tid] = T.Cast(dtype, summed(x, d, b, t, full * THREADS + tid))
+            for to in range(rem // step(rem)):
+                for ti in T.vectorized(step(rem)):
+                    x_out[b, t, full * THREADS + at(to, ti, rem)] = T.Cast(
+                        dtype, summed(x, d, b, t, full * THREADS + at(to, ti, rem)))
         rmsnorm_one(x_out, w, qx, sx, xsum, b, t)
 
     @T.macro
