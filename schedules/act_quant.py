@@ -35,12 +35,10 @@ from tvm.script import tirx as T
 from qoq_compiler.formats import INT8_MAX, RANGE_FLOOR, ceildiv
 
 from .reference.act_quant import KINDS
-from .toolkit import Launch
+from .toolkit import PARALLEL_ROWS, Launch
 
 THREADS = 256
 LOG_THREADS = 8
-#: the CPU form runs fewer rows than this on one core (see ``act_quant_cpu``)
-PARALLEL_ROWS = 4
 
 
 def _elementwise(k: int, dtype: str):

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 
+#: CPU kernels run fewer rows than this on one core: waking TVM's thread pool costs ~5 us on 2
+#: cores (a one-row add_rmsnorm_quantize: 0.3 us on one core, 5.7 us as a parallel loop), more
+#: than a few rows' work; their parallel loops branch on the row count at run time
+PARALLEL_ROWS = 4
+
+
 @dataclass(frozen=True)
 class Launch:
     gpu: bool

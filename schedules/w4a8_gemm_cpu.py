@@ -42,10 +42,9 @@ from tvm.script import tirx as T
 
 from qoq_compiler.formats import ceildiv
 
+from .toolkit import PARALLEL_ROWS
+
 TOKENS = 8
-#: fewer rows than this are summed on one core: waking the thread pool cost ~5 us on 2 cores,
-#: a row of 1536 sums well under 1 us
-PARALLEL_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -74,16 +73,11 @@ class Isa:
         return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(self.intrinsic), acc, a, b, dtype=f"int32x{L}")
 
 
-#: in order of preference
+#: in order of preference (the registry's kernel order follows it)
 ISAS = (Isa("avx512vnni", 16, ("avx512vnni", "avx512bw", "avx512vl"), "llvm.x86.avx512.vpdpbusd.512"),
         Isa("avxvnni", 8, ("avxvnni", "avx2"), "llvm.x86.avx512.vpdpbusd.256"),
         Isa("avx2", 8, ("avx2",), "llvm.x86.avx2.pmadd.ub.sw", bytes_exact=False),
         Isa("dotprod", 4, ("neon", "dotprod"), "llvm.aarch64.neon.sdot.v4i32.v16i8", unsigned=False))
-
-
-def isa_for(features) -> Isa | None:
-    """The preferred ISA whose features the target has (LLVM feature names), or None."""
-    return next((isa for isa in ISAS if set(isa.features) <= set(features)), None)
 
 
 def supports(n: int, k: int, group: int | None, isa: Isa) -> bool:

@@ -37,7 +37,7 @@ def test_act_quant_equals_reference(form, rows, kind, k, dtype):
 
 
 @pytest.mark.parametrize("kind", ref.KINDS)
-def test_cpu_form_sums_in_the_block_forms_order(kind):
+def test_cpu_and_block_forms_agree_on_wide_rows(kind):
     """Both forms on 1024 rows of 1536 values spanning four decades: identical outputs. (By
     construction they also sum in the same order; that is not observable here: reversing the CPU
     form's order per lane leaves these outputs unchanged.)"""
