@@ -1,7 +1,7 @@
 """qoqc: a TVM compiler that serves Hugging Face causal LMs with QoQ W4A8KV4 quantization.
 
     qoq_compiler.compile(model, target="llvm", quant="qoq-w4a8kv4-g128", output=...) -> artifact path
-    qoq_compiler.load(artifact, device="cpu") -> Engine
+    qoq_compiler.load(artifact, device="cpu") -> Engine (a TPEngine for a --tensor-parallel artifact)
 
 ``load`` imports only the runtime (no compiler, torch or model code).
 """
@@ -20,10 +20,10 @@ def compile(*args, **kwargs):  # noqa: A001  (the API name the design card asks 
 
 
 def load(path, device: str = "cpu", **kwargs):
-    """See ``qoq_compiler.runtime.engine.Engine``."""
-    from .runtime.engine import Engine
+    """See ``qoq_compiler.runtime.engine.load``."""
+    from .runtime.engine import load as _load
 
-    return Engine(path, device=device, **kwargs)
+    return _load(path, device=device, **kwargs)
 
 
 __all__ = ["DEFAULT_SCHEME", "QoqcError", "compile", "load", "__version__"]

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                         "kernel (an order of magnitude slower) instead of failing")
     c.add_argument("--kv-page-size", type=int, default=None,
                    help="tokens per page of the 4-bit KV cache (*-w4a8kv4 schemes; default 16)")
+    c.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N devices: each one's weights in its own files, served by N "
+                        "Disco workers (default: 1)")
     _pass_options(c)
 
     ch = sub.add_parser("chat", help="chat with a compiled artifact")
@@ -169,7 +172,7 @@ def _evaluate(args) -> None:
     from pathlib import Path
 
     from .runtime.artifact import MANIFEST, read_manifest
-    from .runtime.engine import Engine
+    from .runtime.engine import load
     from .runtime.evaluate import perplexity, wikitext_text
 
     text_file = Path(args.text)
@@ -184,9 +187,9 @@ def _evaluate(args) -> None:
             art = compile_model(art, target=args.target, quant=_scheme(args), output=Path(tmp) / "artifact",
                                 progress=not args.quiet)
         kind = read_manifest(art, verify=False)["target"]["kind"]
-        engine = Engine(art, device=args.device or ("cuda" if kind == "cuda" else "cpu"),
-                        max_total_tokens=args.seq_len, prefill_chunk_size=args.seq_len)
-        r = perplexity(engine, text, args.seq_len, args.max_tokens, progress=not args.quiet)
+        with load(art, device=args.device or ("cuda" if kind == "cuda" else "cpu"), max_total_tokens=args.seq_len,
+                  prefill_chunk_size=args.seq_len) as engine:
+            r = perplexity(engine, text, args.seq_len, args.max_tokens, progress=not args.quiet)
     print(f"windows: {r.windows} x {args.seq_len} tokens ({r.scored_tokens} scored of {r.total_tokens})")
     print(f"perplexity: {r.perplexity:.4f}")
 
@@ -261,7 +264,8 @@ def _run(args) -> int:
             out = compile_model(args.model, target=args.target, quant=_scheme(args), output=args.output,
                                 arch=args.arch, dump_ir=args.dump_ir, progress=not args.quiet,
                                 kv_page_size=args.kv_page_size, verbose=args.verbose,
-                                allow_portable_kernels=args.allow_portable_kernels)
+                                allow_portable_kernels=args.allow_portable_kernels,
+                                tensor_parallel=args.tensor_parallel)
             print(out)
         elif args.command == "eval":
             _evaluate(args)

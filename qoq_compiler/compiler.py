@@ -37,6 +37,7 @@ from .errors import QoqcError
 from .frontend.checkpoint import default_model_path, from_torch_model, load_torch_model, open_checkpoint
 from .frontend.llama import ENTRY_POINTS, KV4_ENTRY_POINTS, LlamaForCausalLM, LlamaKV4ForCausalLM
 from .frontend.loader import convert
+from .frontend.sharding import check_tensor_parallel, full_shape, shard_parameter
 from .frontend.synthetic import open_config
 from .passes.dispatch_kernels import dispatch_kernels
 from .passes.dispatch_kv_cache import dispatch_kv_cache
@@ -151,6 +152,7 @@ class _Job:
     random_weights: bool
     verbose: bool
     allow_portable_kernels: bool
+    shards: int
 
     def say(self, line: str) -> None:
         if self.progress:
@@ -160,7 +162,7 @@ class _Job:
 def compile(model: str | Path | None = None, target: str = "llvm", quant: str | QuantScheme = DEFAULT_SCHEME,
             output: str | Path | None = None, arch: str | None = None, dump_ir: bool = False,
             progress: bool = True, kv_page_size: int | None = None, random_weights: bool = False,
-            verbose: bool = False, allow_portable_kernels: bool = False) -> Path:
+            verbose: bool = False, allow_portable_kernels: bool = False, tensor_parallel: int = 1) -> Path:
     """Compile ``model`` (HF directory or .gguf; default: the embedded SmolLM2-135M-Instruct) into
     an artifact directory and return its path. ``quant`` names a scheme of ``QUANT_SCHEMES`` or is a
     ``QuantScheme`` (e.g. W8A8 with fp32 activations, to check the integer math exactly).
@@ -170,12 +172,14 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
     and dtype and the runtime draws them at load (for benchmarks: speed does not depend on them).
     ``verbose``: print each kernel choice; ``allow_portable_kernels``: let a CUDA W4A8 linear of a
     shape the tensor-core GEMM does not take run on the portable kernel instead of failing.
+    ``tensor_parallel``: shard the model over that many devices (``frontend.sharding``): one
+    module, and each shard's weights in its own files (``runtime.tp.TPEngine`` serves them).
 
     Stages, each a function below: load, quantize, export, passes, write the weights (in the
     layouts the passes chose), build, write the artifact; the artifact directory appears whole or
     not at all (``runtime.artifact.writing``)."""
     job = _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, random_weights, verbose,
-               allow_portable_kernels)
+               allow_portable_kernels, tensor_parallel)
     with writing(job.out) as tmp:
         ckpt, scheme = _load(job)
         t0 = time.perf_counter()
@@ -194,7 +198,7 @@ def compile(model: str | Path | None = None, target: str = "llvm", quant: str | 
 
 
 def _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, random_weights, verbose,
-         allow_portable_kernels) -> _Job:
+         allow_portable_kernels, shards) -> _Job:
     """The options checked (one ``QoqcError`` line for a bad one) before anything is read or written."""
     if not isinstance(quant, QuantScheme) and quant not in QUANT_SCHEMES:
         raise QoqcError(f"invalid quant scheme {quant!r} (choose from {', '.join(QUANT_SCHEMES)})")
@@ -208,12 +212,14 @@ def _job(model, target, quant, output, arch, dump_ir, progress, kv_page_size, ra
                         "tokens; the page size is an option of the 4-bit cache (the *-w4a8kv4 schemes)")
     if kv_page_size is not None and not 1 <= kv_page_size <= 1024:
         raise QoqcError(f"--kv-page-size {kv_page_size}: choose 1 to 1024 tokens")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise QoqcError(f"--tensor-parallel {shards!r}: give a whole number of shards, at least 1")
     page_size = kv_page_size or KV4_PAGE_SIZE
     cache = {"kind": "kv4-paged", "page_size": page_size} if scheme.kv == "int4" else {"kind": "tvm-paged"}
     model_path = Path(model) if model is not None else default_model_path()
     out = Path(output) if output is not None else _default_output(model_path, scheme.name, target)
     return _Job(scheme, target, tgt, arch, page_size, cache, model_path, out, dump_ir, progress, random_weights,
-                verbose, allow_portable_kernels)
+                verbose, allow_portable_kernels, shards)
 
 
 def _load(job: _Job):
@@ -228,6 +234,10 @@ def _load(job: _Job):
     if job.cache["kind"] == "kv4-paged" and cfg.head_dim % 8:
         raise QoqcError(f"{scheme.name}: the 4-bit KV cache packs 8 codes per 32-bit word, so head_dim must be "
                         f"a multiple of 8; {model_path} has head_dim {cfg.head_dim} (use w8a8 or fp16)")
+    check_tensor_parallel(cfg, job.shards, scheme.group if scheme.weights == "int4" else None)
+    if job.shards > 1:
+        job.say(f"qoqc: {job.shards} tensor-parallel shards of {cfg.num_heads // job.shards}/"
+                f"{cfg.num_kv_heads // job.shards} heads and {cfg.intermediate_size // job.shards} MLP channels")
     if ckpt.tokenizer is None:
         job.say(f"qoqc: warning: {model_path} has no tokenizer; the artifact takes token ids only")
     if scheme.kv_rotation and cfg.head_dim & (cfg.head_dim - 1):
@@ -260,11 +270,12 @@ def _quantize(job: _Job, ckpt, scheme: QuantScheme):
 
 def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
     """Stage export: the float model, its linears rewritten into QoQ ops, exported to Relax IR that
-    names no target. Returns (module, [(parameter name, shape, dtype)])."""
+    names no target (one shard's, with several). Returns (module, [(parameter name, shape, dtype)])."""
+    cfg = cfg.shard(job.shards)
     if scheme.kv == "int4":
-        model = LlamaKV4ForCausalLM(cfg, scheme.dtype, registry.OPS, job.page_size, scheme.kv_rotation)
+        model = LlamaKV4ForCausalLM(cfg, scheme.dtype, registry.OPS, job.page_size, scheme.kv_rotation, job.shards)
     else:
-        model = LlamaForCausalLM(cfg, scheme.dtype, registry.OPS)
+        model = LlamaForCausalLM(cfg, scheme.dtype, registry.OPS, job.shards)
     if job.dump_ir:
         with job.tgt:
             dump("graph", phases[0][1](model.export_tvm(spec=model.get_default_spec())[0]))
@@ -274,23 +285,26 @@ def _export(job: _Job, cfg, scheme: QuantScheme, phases, dump):
 
 
 def _write_weights(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, weights, params, layouts: dict) -> dict:
-    """Stage weights: every parameter converted (quantized, then reordered into its kernel's layout
-    by the layouts the passes lifted: ``layouts`` {index: (name, PrimFunc, shape, dtype)}) and written as
-    safetensors shards, or with random weights only their shapes recorded. Returns the manifest's
-    ``params``."""
+    """Stage weights: every parameter converted (quantized, split into the tensor-parallel shards'
+    pieces, then reordered into its kernel's layout by the layouts the passes lifted: ``layouts``
+    {index: (name, PrimFunc, shape, dtype)}) and written as safetensors files of at most
+    ``SHARD_BYTES`` (``params-NNNNN``, or ``params-shard-I-NNNNN`` per tensor-parallel shard I), or
+    with random weights only their shapes recorded. Returns the manifest's ``params``."""
     if job.random_weights:
         job.say("qoqc: random weights: none written, each parameter drawn when the artifact is loaded")
         stored = [(n, *layouts[i][2:]) if i in layouts else (n, s, d) for i, (n, s, d) in enumerate(params)]
         return {"files": [], "names": [n for n, _, _ in stored],
                 "random": {"seed": 0, "shapes": [list(s) for _, s, _ in stored], "dtypes": [d for _, _, d in stored]}}
-    reorder = _weight_layouts(layouts)
-    converted = ((name, reorder(i, arr)) for i, (name, arr) in enumerate(convert(ckpt, params, quantizer(scheme,
-                                                                                                         weights))))
+    reorder, n, cfg = _weight_layouts(layouts), job.shards, ckpt.config
+    whole = [(name, full_shape(name, shape, cfg, n), dtype) for name, shape, dtype in params]
+    pieces = ((name, [reorder(i, a) for a in shard_parameter(name, arr, cfg, n)])
+              for i, (name, arr) in enumerate(convert(ckpt, whole, quantizer(scheme, weights))))
     try:
-        shards = _write_params(tmp, converted, len(params), job.progress)
+        files = _write_params(tmp, pieces, len(params), n, job.progress)
     except OSError as e:
         raise QoqcError(f"cannot write the weights into {job.out}: {e.strerror or e}") from None
-    return {"files": shards, "names": [n for n, _, _ in params]}
+    names = [name for name, _, _ in params]
+    return {"files": files[0], "names": names} if n == 1 else {"shard_files": files, "names": names}
 
 
 def _passes(job: _Job, mod, phases, dump, bar):
@@ -366,6 +380,7 @@ def _write_artifact(job: _Job, tmp: Path, ckpt, scheme: QuantScheme, params_doc:
         "model": ckpt.config.to_dict(),
         "entry_points": list(KV4_ENTRY_POINTS if scheme.kv == "int4" else ENTRY_POINTS),
         "kv_cache": job.cache,
+        **({"tensor_parallel": job.shards} if job.shards > 1 else {}),
         "library": LIBRARY,
         **({"device_code": device_code} if device_code else {}),
         "params": params_doc,
@@ -386,22 +401,27 @@ def _ir_dumper(folder: Path | None):
     return dump
 
 
-def _write_params(root: Path, tensors, count: int, progress: bool) -> list[str]:
-    """Save converted parameters as safetensors shards of at most ``SHARD_BYTES`` each."""
-    shards, batch, size = [], {}, 0
+def _write_params(root: Path, tensors, count: int, shards: int, progress: bool) -> list[list[str]]:
+    """Save (name, [one array per tensor-parallel shard]) as safetensors files of at most
+    ``SHARD_BYTES`` each; returns each shard's file names."""
+    prefix = ["params-"] if shards == 1 else [f"params-shard-{i}-" for i in range(shards)]
+    files: list[list[str]] = [[] for _ in range(shards)]
+    batch: list[dict] = [{} for _ in range(shards)]
+    size = [0] * shards
 
-    def flush():
-        nonlocal batch, size
-        name = f"params-{len(shards):05d}.safetensors"
-        save_file(batch, str(root / name))
-        shards.append(name)
-        batch, size = {}, 0
+    def flush(i: int) -> None:
+        name = f"{prefix[i]}{len(files[i]):05d}.safetensors"
+        save_file(batch[i], str(root / name))
+        files[i].append(name)
+        batch[i], size[i] = {}, 0
 
-    for name, arr in tqdm(tensors, total=count, desc="weights", unit="tensor", disable=not progress):
-        if batch and size + arr.nbytes > SHARD_BYTES:
-            flush()
-        batch[name] = arr
-        size += arr.nbytes
-    if batch:
-        flush()
-    return shards
+    for name, arrays in tqdm(tensors, total=count, desc="weights", unit="tensor", disable=not progress):
+        for i, arr in enumerate(arrays):
+            if batch[i] and size[i] + arr.nbytes > SHARD_BYTES:
+                flush(i)
+            batch[i][name] = arr
+            size[i] += arr.nbytes
+    for i in range(shards):
+        if batch[i]:
+            flush(i)
+    return files

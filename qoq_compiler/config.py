@@ -146,6 +146,14 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def shard(self, shards: int) -> "ModelConfig":
+        """The model as one of ``shards`` tensor-parallel shards sees it (``frontend.sharding``): its
+        query and KV heads and MLP channels; hidden size, vocabulary and head dimension unchanged."""
+        if shards == 1:
+            return self
+        return dataclasses.replace(self, num_heads=self.num_heads // shards, num_kv_heads=self.num_kv_heads // shards,
+                                   intermediate_size=self.intermediate_size // shards)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)

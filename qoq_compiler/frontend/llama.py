@@ -17,6 +17,9 @@ logits = RMSNorm(x) @ W_lm^T  (W_lm = embedding when tied), computed only at the
 Each residual add is carried to the next norm (``AddRMSNorm``: a layer returns the residual and
 its pending update) and silu(gate) * up is one module (``SiluMul``), so a quantized scheme can
 replace each by one op that also quantizes its output (``passes.quantize_linears``).
+With ``shards`` > 1 the module is one tensor-parallel shard (``frontend.sharding``): its config
+holds the shard's heads and MLP channels, and o_proj's and down_proj's partial outputs are summed
+over the shards (``ccl.allreduce``) before the residual add that takes them.
 
 Entry points (all take the packed parameter tuple last):
     prefill(input_ids [1, T], logit_positions [P], kv) -> logits [1, P, V] f32
@@ -82,19 +85,25 @@ class SiluMul(nn.Module):
         return op.silu(gate) * up
 
 
+def reduce_shards(y: Tensor, shards: int) -> Tensor:
+    """The sum over shards of a row-parallel linear's partial output (``frontend.sharding``)."""
+    return op.ccl_allreduce(y, "sum") if shards > 1 else y
+
+
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str):
+    def __init__(self, cfg: ModelConfig, dtype: str, shards: int):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
         self.act = SiluMul()
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype)
+        self.shards = shards
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return reduce_shards(self.down_proj(self.act(self.gate_up_proj(x))), self.shards)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str):
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, dtype: str, shards: int):
+        self.num_heads, self.head_dim, self.shards = cfg.num_heads, cfg.head_dim, shards
         self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, dtype)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, dtype)
 
@@ -102,15 +111,15 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, t, -1, self.head_dim))  # [B, T, Hq + 2 Hkv, D]
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (b, t, self.num_heads * self.head_dim)))
+        return reduce_shards(self.o_proj(op.reshape(out, (b, t, self.num_heads * self.head_dim))), self.shards)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str):
+    def __init__(self, cfg: ModelConfig, dtype: str, shards: int):
         self.input_layernorm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, shards)
         self.post_attention_layernorm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, shards)
 
     def forward(self, x: Tensor, d: Tensor | None, kv: PagedKVCache, layer_id: int) -> tuple[Tensor, Tensor]:
         """Residual x plus the previous layer's pending update d -> (residual, this layer's update)."""
@@ -120,9 +129,9 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str):
+    def __init__(self, cfg: ModelConfig, dtype: str, shards: int):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, shards) for _ in range(cfg.num_layers)])
         self.norm = AddRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids: Tensor, kv: PagedKVCache) -> Tensor:
@@ -137,11 +146,13 @@ class LlamaForCausalLM(nn.Module):
 
     Embedding, norms and lm_head stay in ``dtype`` (QoQ quantizes the decoder's linears only).
     ``ops``: how the model emits QoQ ops (``schedules.registry.OPS``, handed in by the compiler).
+    ``shards``: the module is one of that many tensor-parallel shards (``frontend.sharding``):
+    ``cfg`` is then the shard's (``ModelConfig.shard``) and row-parallel outputs are all-reduced.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, ops):
+    def __init__(self, cfg: ModelConfig, dtype: str, ops, shards: int = 1):
         self.cfg, self.dtype, self.ops = cfg, dtype, ops
-        self.model = Backbone(cfg, dtype)
+        self.model = Backbone(cfg, dtype, shards)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype="float32")
 
@@ -265,8 +276,9 @@ class LlamaKV4ForCausalLM(LlamaForCausalLM):
     with kv_data uint8 [L, 2, S, Hkv, D/2] and kv_param fp16 [L, 2, S, Hkv, 2] (S = pages x page_size).
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: str, ops, page_size: int, kv_rotation: bool = False):
-        super().__init__(cfg, dtype, ops)
+    def __init__(self, cfg: ModelConfig, dtype: str, ops, page_size: int, kv_rotation: bool = False,
+                 shards: int = 1):
+        super().__init__(cfg, dtype, ops, shards)
         self.page_size, self.kv_rotation = page_size, kv_rotation
 
     def _cache(self, prefill, positions, token_seq, page_table, slots, kv_data, kv_param) -> KV4Cache:

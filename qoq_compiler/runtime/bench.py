@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..errors import QoqcError
 from ..tvm_env import tvm
 from .artifact import params_bytes, read_manifest
-from .engine import Engine
+from .engine import Engine, load
 from .model import PAGE_SIZE
 from .kv_cache import bytes_per_token, free_memory, parse_memory
 
@@ -140,8 +140,8 @@ def throughput(path: str | Path, device: str, input_len: int = 1024, output_len:
                batch: int | None = None, kv_memory=None, warmup: int = 2, repeats: int = 1, seed: int = 0,
                progress: bool = True) -> ThroughputResult:
     batch, cache_tokens = plan_batch(path, device, input_len, output_len, batch, kv_memory)
-    engine = Engine(path, device=device, max_total_tokens=cache_tokens, max_batch_size=batch)
-    times = _timed_rounds(engine, batch, input_len, output_len, warmup, repeats, seed, progress)
+    with load(path, device=device, max_total_tokens=cache_tokens, max_batch_size=batch) as engine:
+        times = _timed_rounds(engine, batch, input_len, output_len, warmup, repeats, seed, progress)
     return ThroughputResult(batch, input_len, output_len, cache_tokens, statistics.mean(t[0] for t in times),
                             statistics.mean(t[1] for t in times))
 
@@ -151,7 +151,7 @@ def latency(path: str | Path, device: str, input_len: int = 1024, output_len: in
     if output_len < 2:
         raise QoqcError("latency mode needs --output-len of at least 2 (one decode step after the first token)")
     _, cache_tokens = plan_batch(path, device, input_len, output_len, 1)
-    engine = Engine(path, device=device, max_total_tokens=cache_tokens, max_batch_size=1)
-    times = _timed_rounds(engine, 1, input_len, output_len, warmup, repeats, seed, progress)
+    with load(path, device=device, max_total_tokens=cache_tokens, max_batch_size=1) as engine:
+        times = _timed_rounds(engine, 1, input_len, output_len, warmup, repeats, seed, progress)
     return LatencyResult(input_len, output_len, statistics.median(t[0] for t in times),
                          statistics.median((output_len - 1) / t[1] for t in times))

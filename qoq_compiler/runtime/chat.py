@@ -10,7 +10,7 @@ import sys
 
 from ..errors import QoqcError
 from .artifact import read_manifest
-from .engine import Engine
+from .engine import Engine, load
 from .sampling import SamplingParams
 
 
@@ -86,12 +86,17 @@ def run_chat(args) -> None:
     SamplingParams.make(args.max_new_tokens, args.temperature, args.top_p, None, args.seed)  # refused before loading
     device = args.device or ("cuda" if read_manifest(args.artifact, verify=False)["target"]["kind"] == "cuda"
                              else "cpu")
-    engine = Engine(args.artifact, device=device, kv_memory=args.kv_memory)
+    with load(args.artifact, device=device, kv_memory=args.kv_memory) as engine:
+        _session(engine, device, args)
+
+
+def _session(engine: Engine, device: str, args) -> None:
     conv = Conversation(engine, args.system)
     if args.prompt is not None:
         _answer(conv, args.prompt, args)
         return
-    print(f"qoqc chat: {engine.path} on {device}, KV cache of {engine.cache_tokens} tokens "
+    shards = f" x {engine.shards} (tensor parallel)" if engine.shards > 1 else ""
+    print(f"qoqc chat: {engine.path} on {device}{shards}, KV cache of {engine.cache_tokens} tokens "
           f"({engine.cache_tokens * engine.kv_bytes_per_token / 2 ** 20:.1f} MiB). "
           "/reset clears the conversation, /exit quits.")
     while True:

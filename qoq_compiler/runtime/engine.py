@@ -18,7 +18,20 @@ from .model import Model
 from .request import GenerationResult, Request, RequestState
 from .scheduler import Scheduler
 
-__all__ = ["Engine", "GenerationResult", "TextStream"]
+__all__ = ["Engine", "GenerationResult", "TextStream", "load"]
+
+
+def load(path: str | Path, device: str = "cpu", **kwargs) -> "Engine":
+    """The engine for an artifact: ``Engine``, or ``tp.TPEngine`` for one compiled with
+    ``--tensor-parallel N`` (its manifest says so). Options as ``Engine``'s. Close it (or use it as
+    a context manager) to release its devices: a tensor-parallel engine's workers end then."""
+    from .artifact import read_manifest
+
+    if read_manifest(Path(path), verify=False).get("tensor_parallel", 1) > 1:
+        from .tp import TPEngine
+
+        return TPEngine(path, device, **kwargs)
+    return Engine(path, device, **kwargs)
 
 
 class TextStream:

@@ -9,6 +9,9 @@ The caches hold the tensors, behind one interface the model drives after the blo
 granted a step (so they may assume it fits):
     add(seq_id) / remove(seq_id) / truncate(seq_id, n_dropped)    sequence lifetime
     run(fn, seq_ids, lens, args) -> logits                        one forward step of a function
+They live where the model's runtime puts them (``rt``: ``model.LocalRuntime``, one device of this
+process, or ``tp.DiscoRuntime``, every tensor-parallel worker, each with its shard's KV heads) and
+hand the step's host arrays (``args``, then their own) to ``rt.inputs`` in one list.
 
 ``TVMPagedCache``: TVM's paged cache object (``create_kv_cache`` of the module), one dtype for K
 and V, pages of 16 tokens that TVM assigns itself (the block manager mirrors their count); the step
@@ -36,7 +39,7 @@ import re
 import numpy as np
 
 from ..errors import QoqcError
-from ..tvm_env import tvm
+from .. import tvm_env  # noqa: F401  (the version check, before tvm_ffi)
 
 import tvm_ffi  # noqa: E402  (after tvm_env's version check)
 
@@ -154,11 +157,12 @@ class BlockManager:
 
 
 class TVMPagedCache:
-    def __init__(self, vm, max_batch_size: int, max_total_tokens: int, prefill_chunk_size: int, page_size: int):
-        self.kv = vm["create_kv_cache"](
+    def __init__(self, rt, max_batch_size: int, max_total_tokens: int, prefill_chunk_size: int, page_size: int):
+        self.rt = rt
+        self.kv = rt.function("create_kv_cache")(
             tvm_ffi.Shape([max_batch_size]), tvm_ffi.Shape([max_total_tokens]),
             tvm_ffi.Shape([prefill_chunk_size]), tvm_ffi.Shape([page_size]), tvm_ffi.Shape([0]))
-        self._f = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
+        self._f = {n: rt.global_func(f"vm.builtin.kv_state_{n}")
                    for n in ("add_sequence", "remove_sequence", "popn", "begin_forward", "end_forward")}
 
     def add(self, seq_id: int) -> None:
@@ -173,18 +177,18 @@ class TVMPagedCache:
     def run(self, fn, seq_ids: list[int], lens: list[int], args: list):
         self._f["begin_forward"](self.kv, tvm_ffi.Shape(seq_ids), tvm_ffi.Shape(lens))
         try:
-            logits, _ = fn(*args, self.kv)
+            return self.rt.item(fn(*self.rt.inputs(args), self.kv), 0)  # (logits, kv)
         finally:
             self._f["end_forward"](self.kv)
-        return logits
 
 
 class KV4PagedCache:
-    def __init__(self, config, device, blocks: BlockManager):
-        self.device, self.blocks, self.page_size = device, blocks, blocks.page_size
+    def __init__(self, config, rt, blocks: BlockManager):
+        """``config``: the model as the runtime's devices hold it (a tensor-parallel shard's KV heads)."""
+        self.rt, self.blocks, self.page_size = rt, blocks, blocks.page_size
         shape = (config.num_layers, 2, blocks.total * blocks.page_size, config.num_kv_heads)
-        self.data = tvm.runtime.empty((*shape, config.head_dim // 2), "uint8", device)
-        self.param = tvm.runtime.empty((*shape, 2), "float16", device)
+        self.data = rt.empty((*shape, config.head_dim // 2), "uint8")
+        self.param = rt.empty((*shape, 2), "float16")
 
     def add(self, seq_id: int) -> None:
         """Nothing to do: the block manager owns this cache's pages."""
@@ -211,5 +215,4 @@ class KV4PagedCache:
         for s, r in rows.items():
             table[r, :len(tables[s])] = tables[s]
         slots = (table[seq, pos // p] * p + pos % p).astype("int32")
-        arrays = [tvm.runtime.tensor(a, self.device) for a in (pos, seq, table, slots)]
-        return fn(*args, *arrays, self.data, self.param)
+        return fn(*self.rt.inputs([*args, pos, seq, table, slots]), self.data, self.param)

@@ -10,6 +10,11 @@ entry point over their concatenated tokens:
     decode:  one token for each of B sequences
 Every public method holds ``lock`` (re-entrant) around device work and the block manager, so one
 model may be used from several threads: calls run one at a time.
+
+Where the module runs is the model's runtime (``rt``): ``LocalRuntime`` here, the VM on one device
+of this process; ``tp.DiscoRuntime`` for a tensor-parallel artifact, the same VM on each of N Disco
+workers. Both offer the calls the model and its KV cache make: ``function``, ``global_func``,
+``empty``, ``inputs`` (host arrays to the device), ``item`` (of a returned tuple), ``numpy``.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ class Model:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise QoqcError(f"{name} must be a whole number of at least 1 (got {value!r})")
         self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-        if not self.device.exist:
-            raise QoqcError(f"no {device} device on this machine")
+        self.shards = self.manifest.get("tensor_parallel", 1)
+        self._check_devices(device)
         if kind == "cuda":
             check_device_code(self.manifest, self.path, self.device.compute_version, self.device.device_name)
         cache = self.manifest.get("kv_cache", {"kind": "tvm-paged"})
@@ -68,41 +73,57 @@ class Model:
             raise QoqcError(f"artifact {self.path} needs a KV cache of kind {cache['kind']!r}, "
                             "which this qoqc does not know (a newer qoqc wrote it?)")
         self.page_size = cache.get("page_size", PAGE_SIZE)
-        self.kv_bytes_per_token = bytes_per_token(self.config, cache["kind"], self.manifest.get("dtype", "float16"))
+        # KV heads per device: a tensor-parallel shard holds 1/N of them
+        self.device_config = self.config.shard(self.shards)
+        self.kv_bytes_per_token = bytes_per_token(self.device_config, cache["kind"],
+                                                  self.manifest.get("dtype", "float16"))
         if kv_memory is not None:
             self.cache_tokens = capacity_tokens(parse_memory(kv_memory), self.kv_bytes_per_token, self.page_size,
                                                 self.device)
         else:
             self.cache_tokens = max_total_tokens or min(self.config.context_window, 8192)
 
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(self.path / self.manifest["library"])), self.device)
-        self.params = self._load_params()
         self.context_window = min(self.config.context_window, self.cache_tokens)
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = min(prefill_chunk_size, self.context_window)
         self.blocks = BlockManager(-(-self.cache_tokens // self.page_size), self.page_size)
-        if cache["kind"] == "kv4-paged":
-            self.kv = KV4PagedCache(self.config, self.device, self.blocks)
-        else:
-            self.kv = TVMPagedCache(self.vm, max_batch_size, self.cache_tokens, self.prefill_chunk_size, PAGE_SIZE)
-        self._f = {name: self.vm[name] for name in ("prefill", "decode")}
-        # greedy tokens chosen on the device (artifacts older than this entry point choose on the host)
-        self._argmax = self.vm["argmax"] if "argmax" in self.manifest.get("entry_points", ()) else None
+        self.rt = self._runtime()
+        try:
+            self.params = self.rt.load_params(self.path, self.manifest["params"])
+            if cache["kind"] == "kv4-paged":
+                self.kv = KV4PagedCache(self.device_config, self.rt, self.blocks)
+            else:
+                self.kv = TVMPagedCache(self.rt, max_batch_size, self.cache_tokens, self.prefill_chunk_size,
+                                        PAGE_SIZE)
+            self._f = {name: self.rt.function(name) for name in ("prefill", "decode")}
+            # greedy tokens chosen on the device (artifacts older than this entry point choose on the host)
+            self._argmax = self.rt.function("argmax") if "argmax" in self.manifest.get("entry_points", ()) else None
+        except BaseException:
+            self.rt.close()
+            raise
         self._tokenizer = None
         self.lock = threading.RLock()
 
     # ---------------------------------------------------------------- loading
-    def _load_params(self) -> list:
-        spec = self.manifest["params"]
-        if "random" in spec:  # an artifact compiled from a config alone (benchmarks)
-            return [tvm.runtime.tensor(a, self.device) for a in random_params(spec)]
-        arrays: dict[str, np.ndarray] = {}
-        for f in spec["files"]:
-            arrays.update(load_file(str(self.path / f)))
-        missing = [n for n in spec["names"] if n not in arrays]
-        if missing:
-            raise QoqcError(f"corrupt artifact: parameter {missing[0]} missing from {self.path}")
-        return [tvm.runtime.tensor(arrays[n], self.device) for n in spec["names"]]
+    def _check_devices(self, device: str) -> None:
+        if self.shards > 1:
+            raise QoqcError(f"artifact {self.path} is sharded for {self.shards} devices (--tensor-parallel): "
+                            "load it with TPEngine (qoqc chat and serve do)")
+        if not self.device.exist:
+            raise QoqcError(f"no {device} device on this machine")
+
+    def _runtime(self) -> "LocalRuntime":
+        return LocalRuntime(self.path / self.manifest["library"], self.device)
+
+    def close(self) -> None:
+        """Release the runtime (a tensor-parallel model's workers); the model is unusable after."""
+        self.rt.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def has_tokenizer(self) -> bool:
@@ -199,9 +220,8 @@ class Model:
         ids = np.array([[t for _, tk in batch for t in tk]], dtype="int32")
         ends = np.cumsum([len(tk) for _, tk in batch])
         pos = np.arange(ends[-1], dtype="int32") if all_logits else (ends - 1).astype("int32")
-        logits = self._step("prefill", [sid for sid, _ in batch], [len(tk) for _, tk in batch],
-                            tvm.runtime.tensor(ids, self.device), tvm.runtime.tensor(pos, self.device))
-        return logits.numpy()[0]
+        logits = self._step("prefill", [sid for sid, _ in batch], [len(tk) for _, tk in batch], ids, pos)
+        return self.rt.numpy(logits, (1, len(pos), self.config.vocab_size), "float32")[0]
 
     def prefill(self, items: list[tuple[int, list[int]]], all_logits: bool = False) -> list[np.ndarray]:
         """Feed each (seq_id, tokens) (distinct sequences), packed ``prefill_chunk_size`` tokens a
@@ -227,18 +247,18 @@ class Model:
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """Append one token to each sequence; return their next-token logits [B, vocab]."""
         with self.lock:
-            ids = tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device)
-            return self._step("decode", seq_ids, [1] * len(seq_ids), ids).numpy()[:, 0]
+            logits = self._step("decode", seq_ids, [1] * len(seq_ids), np.array(tokens, dtype="int32")[:, None])
+            return self.rt.numpy(logits, (len(seq_ids), 1, self.config.vocab_size), "float32")[:, 0]
 
     def decode_greedy(self, seq_ids: list[int], tokens: list[int]) -> list[int]:
         """``decode``, then each sequence's most likely next token (the first on ties), chosen on the
         device: B token ids cross to the host instead of B x vocab logits."""
         with self.lock:
-            ids = tvm.runtime.tensor(np.array(tokens, dtype="int32")[:, None], self.device)
-            logits = self._step("decode", seq_ids, [1] * len(seq_ids), ids)
+            logits = self._step("decode", seq_ids, [1] * len(seq_ids), np.array(tokens, dtype="int32")[:, None])
             if self._argmax is None:
-                return logits.numpy()[:, 0].argmax(axis=1).tolist()
-            return self._argmax(logits).numpy().tolist()
+                shape = (len(seq_ids), 1, self.config.vocab_size)
+                return self.rt.numpy(logits, shape, "float32")[:, 0].argmax(axis=1).tolist()
+            return self.rt.numpy(self._argmax(logits), (len(seq_ids),), "int32").tolist()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [len(ids), vocab] (float32) of a whole sequence, for evaluation."""
@@ -249,3 +269,48 @@ class Model:
                 return self.prefill([(sid, ids)], all_logits=True)[0]
             finally:
                 self.remove_sequence(sid)
+
+
+class LocalRuntime:
+    """The compiled module's VM on one device of this process."""
+
+    def __init__(self, library: Path, device):
+        self.device = device
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), device)
+
+    def function(self, name: str):
+        return self.vm[name]
+
+    def global_func(self, name: str):
+        return tvm.get_global_func(name)
+
+    def empty(self, shape, dtype: str):
+        return tvm.runtime.empty(shape, dtype, self.device)
+
+    def inputs(self, arrays: list[np.ndarray]) -> list:
+        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+
+    def item(self, result, i: int):
+        return result[i]
+
+    def numpy(self, x, shape, dtype) -> np.ndarray:
+        return x.numpy()
+
+    def load_params(self, root: Path, spec: dict) -> list:
+        return [tvm.runtime.tensor(a, self.device) for a in read_params(root, spec, spec.get("files", []))]
+
+    def close(self) -> None:
+        """Nothing to release: the VM and its tensors go with the model."""
+
+
+def read_params(root: Path, spec: dict, files: list[str]) -> list[np.ndarray]:
+    """The host arrays of ``spec`` (``manifest["params"]``) from ``files``, or drawn at random."""
+    if "random" in spec:  # an artifact compiled from a config alone (benchmarks)
+        return list(random_params(spec))
+    arrays: dict[str, np.ndarray] = {}
+    for f in files:
+        arrays.update(load_file(str(root / f)))
+    missing = [n for n in spec["names"] if n not in arrays]
+    if missing:
+        raise QoqcError(f"corrupt artifact: parameter {missing[0]} missing from {root}")
+    return [arrays[n] for n in spec["names"]]

@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from ..errors import QoqcError
-from .engine import Engine
+from .engine import Engine, load
 from .worker import EngineWorker, Sink, Submission
 
 DRAIN_SECONDS = 30
@@ -58,8 +58,6 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str 
     """Load ``artifact`` and serve it until SIGINT/SIGTERM."""
     if FastAPI is None:
         raise QoqcError("qoqc serve needs FastAPI and uvicorn: pip install 'qoqc[serve]'")
-    import uvicorn
-
     from .artifact import read_manifest
 
     if max_queue < 1 or max_batch_size < 1:
@@ -67,8 +65,18 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, device: str 
     if not 0 < port < 65536:
         raise QoqcError(f"--port {port} is not a TCP port")
     kind = read_manifest(artifact, verify=False)["target"]["kind"]
-    engine = Engine(artifact, device=device or ("cuda" if kind == "cuda" else "cpu"), kv_memory=kv_memory,
-                    max_batch_size=max_batch_size)
+    engine = load(artifact, device=device or ("cuda" if kind == "cuda" else "cpu"), kv_memory=kv_memory,
+                  max_batch_size=max_batch_size)
+    try:
+        _run(engine, host, port, api_key, served_model_name, max_queue, log_level)
+    finally:
+        engine.close()
+
+
+def _run(engine: Engine, host: str, port: int, api_key: str | None, served_model_name: str | None,
+         max_queue: int, log_level: str) -> None:
+    import uvicorn
+
     app = create_app(engine, served_model_name or engine.path.name, api_key, max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=DRAIN_SECONDS)
     server = uvicorn.Server(config)
