@@ -237,6 +237,7 @@ def test_w4a8kv4_model_on_two_shards_matches_one_device_within_its_tolerance(art
 def test_sharded_artifact_layout_and_refusals(artifacts):
     import json
 
+    from qoq_compiler.runtime.artifact import params_bytes
     from qoq_compiler.runtime.engine import Engine
     from qoq_compiler.runtime.tp import TPEngine
 
@@ -246,6 +247,8 @@ def test_sharded_artifact_layout_and_refusals(artifacts):
     assert [f for files in manifest["params"]["shard_files"] for f in files] == \
         ["params-shard-0-00000.safetensors", "params-shard-1-00000.safetensors"]
     assert sorted(p.name for p in art.glob("*.so")) == ["model.so"]
+    # a device holds one shard's weights: what the KV-memory budget of `qoqc bench` subtracts
+    assert params_bytes(manifest, art) == (art / "params-shard-0-00000.safetensors").stat().st_size
     with pytest.raises(QoqcError, match="sharded for 2 devices"):
         Engine(art)
     with pytest.raises(QoqcError, match="is not sharded"):

@@ -206,12 +206,13 @@ def random_params(spec: dict[str, Any]) -> Iterator[np.ndarray]:
 
 
 def params_bytes(manifest: dict[str, Any], root: Path) -> int:
-    """Bytes the artifact's parameters take on the device."""
+    """Bytes the artifact's parameters take on one device (a tensor-parallel shard's: all equal)."""
     spec = manifest["params"]
     if "random" in spec:
         return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
                    for s, d in zip(spec["random"]["shapes"], spec["random"]["dtypes"]))
-    return sum((Path(root) / f).stat().st_size for f in spec["files"])
+    files = spec["shard_files"][0] if "shard_files" in spec else spec["files"]
+    return sum((Path(root) / f).stat().st_size for f in files)
 
 
 #: LLVM CPU features that change the instructions of generated code -> their name in /proc/cpuinfo

@@ -83,7 +83,9 @@ def plan_batch(path: str | Path, device: str, input_len: int, output_len: int, b
                         f"{config.context_window}")
     cache = manifest.get("kv_cache", {"kind": "tvm-paged"})
     page = cache.get("page_size", PAGE_SIZE)
-    per_token = bytes_per_token(config, cache["kind"], manifest.get("dtype", "float16"))
+    # per device: a tensor-parallel shard holds 1/N of the KV heads
+    per_token = bytes_per_token(config.shard(manifest.get("tensor_parallel", 1)), cache["kind"],
+                                manifest.get("dtype", "float16"))
     budget = parse_memory(DEFAULT_KV_MEMORY[device] if kv_memory is None else kv_memory)
     if isinstance(budget, float):
         budget = int(budget * max(free_memory(dev) - params_bytes(manifest, Path(path)), 0))
