@@ -1,5 +1,5 @@
 """What the bench scripts share: building kernels ahead of time, timing them on a device, the
-CPU-check tally, and writing the Markdown table.
+CPU-check tally, writing the Markdown table, and running an engine in a child process.
 
 Timing (``Timer``). On a GPU, ``launches`` calls of ``fn`` are captured once into a CUDA graph
 (TVM's launches join torch's capture stream through ``tvm_ffi.use_torch_stream``); a sample
@@ -14,7 +14,9 @@ runs' llvm stand-ins) the same loop runs under ``time.perf_counter``.
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -149,3 +151,13 @@ def emit_table(lines: list[str], out: str | None) -> None:
     print(table)
     if out:
         Path(out).write_text(table)
+
+
+def child_result(cmd: list[str], env: dict, what: str) -> dict:
+    """Run ``cmd`` (a bench script's child mode) and return the JSON it printed after "RESULT ";
+    stop with the child's stderr when it failed."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])

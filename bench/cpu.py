@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -37,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import child_result  # noqa: E402
 
 NEW = 128
 BATCH = 8
@@ -211,11 +212,7 @@ def child(args) -> None:
 def measure(engine: str, path: Path, threads: int, profile: bool = False) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--child", engine, "--path", str(path), "--threads", str(threads)]
-    proc = subprocess.run(cmd + (["--profile"] if profile else []), env=env, capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{engine} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result(cmd + (["--profile"] if profile else []), env, engine)
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import child_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -61,12 +62,7 @@ def child(path: str, device: str) -> dict:
 
 def measure(path: Path, device: str, threads: int) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, __file__, "--child", str(path), "--device", device], env=env,
-                          capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{path} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result([sys.executable, __file__, "--child", str(path), "--device", device], env, str(path))
 
 
 def main() -> None:
