@@ -257,12 +257,12 @@ def test_sharded_artifact_layout_and_refusals(artifacts):
         TPEngine(art, device="cuda")
 
 
-def test_compile_refuses_a_shard_count_the_model_does_not_divide_into(tp_model, tmp_path):
+def test_compile_refuses_a_shard_count_the_model_does_not_divide_into(tp_model, tmp_path, capsys):
+    from qoq_compiler.cli import main
+
     out = tmp_path / "x"
-    proc = subprocess.run([sys.executable, "-m", "qoq_compiler.cli", "compile", str(tp_model), "--quant", "fp32",
-                           "--tensor-parallel", "3", "-o", str(out), "--quiet"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    assert main(["compile", str(tp_model), "--quant", "fp32", "--tensor-parallel", "3", "-o", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "qoqc: error: --tensor-parallel 3: the model's 8 attention heads do not divide into 3 shards"]
     assert not out.exists()
 
