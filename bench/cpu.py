@@ -114,14 +114,14 @@ def decode_profile(engine) -> dict:
         return 0
 
     steps = 16
-    engine.vm.set_instrument(instrument)
+    engine.rt.vm.set_instrument(instrument)
     try:
         t0 = time.perf_counter()
         for _ in range(steps):
             tok = engine.decode_greedy([sid], [tok])[0]
         wall = (time.perf_counter() - t0) * 1e6 / steps
     finally:
-        engine.vm.set_instrument(None)
+        engine.rt.vm.set_instrument(None)
     return {"wall_us": wall, "kinds": {k: (calls[k] / steps, total[k] / steps) for k in total}}
 
 
