@@ -294,6 +294,26 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
         halve(red, 2, is_max)
         halve(red, 1, is_max)
 
+    # each of these takes n lanes of the row from element ``base`` (a whole THREADS, then the rest)
+    @T.macro
+    def accumulate(red, update, base, n):
+        for to in range(n // step(n)):
+            for ti in T.vectorized(step(n)):
+                red[at(to, ti, n)] = update(red[at(to, ti, n)], base + at(to, ti, n))
+
+    @T.macro
+    def codes(value, qx, b, t, scale, ired, base, n):
+        for to in range(n // step(n)):
+            for ti in T.vectorized(step(n)):
+                qx[b, t, base + at(to, ti, n)] = quant(value(base + at(to, ti, n)), scale)
+                ired[at(to, ti, n)] = ired[at(to, ti, n)] + T.Cast("int32", quant(value(base + at(to, ti, n)), scale))
+
+    @T.macro
+    def residual(x, d, x_out, b, t, base, n):
+        for to in range(n // step(n)):
+            for ti in T.vectorized(step(n)):
+                x_out[b, t, base + at(to, ti, n)] = T.Cast(dtype, summed(x, d, b, t, base + at(to, ti, n)))
+
     @T.macro
     def lanes(red, init, update):
         """red[tid] = update over i = tid, tid + THREADS, ... < K of ``update(acc, i)``, from ``init``."""
@@ -301,14 +321,9 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
             for ti in T.vectorized(step(THREADS)):
                 red[at(to, ti, THREADS)] = init
         for j in range(full):
-            for to in range(THREADS // step(THREADS)):
-                for ti in T.vectorized(step(THREADS)):
-                    red[at(to, ti, THREADS)] = update(red[at(to, ti, THREADS)],
-                                                      j * THREADS + at(to, ti, THREADS))
+            accumulate(red, update, j * THREADS, THREADS)
         if rem > 0:
-            for to in range(rem // step(rem)):
-                for ti in T.vectorized(step(rem)):
-                    red[at(to, ti, rem)] = update(red[at(to, ti, rem)], full * THREADS + at(to, ti, rem))
+            accumulate(red, update, full * THREADS, rem)
 
     @T.macro
     def quantize_row(value, qx, sx, xsum, b, t, fred, ired):
@@ -321,19 +336,9 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
             for ti in T.vectorized(step(THREADS)):
                 ired[at(to, ti, THREADS)] = 0
         for j in range(full):
-            for to in range(THREADS // step(THREADS)):
-                for ti in T.vectorized(step(THREADS)):
-                    qx[b, t, j * THREADS + at(to, ti, THREADS)] = quant(
-                        value(j * THREADS + at(to, ti, THREADS)), fred[0])
-                    ired[at(to, ti, THREADS)] = ired[at(to, ti, THREADS)] + T.Cast(
-                        "int32", quant(value(j * THREADS + at(to, ti, THREADS)), fred[0]))
+            codes(value, qx, b, t, fred[0], ired, j * THREADS, THREADS)
         if rem > 0:
-            for to in range(rem // step(rem)):
-                for ti in T.vectorized(step(rem)):
-                    qx[b, t, full * THREADS + at(to, ti, rem)] = quant(
-                        value(full * THREADS + at(to, ti, rem)), fred[0])
-                    ired[at(to, ti, rem)] = ired[at(to, ti, rem)] + T.Cast(
-                        "int32", quant(value(full * THREADS + at(to, ti, rem)), fred[0]))
+            codes(value, qx, b, t, fred[0], ired, full * THREADS, rem)
         tree(ired, False)
         xsum[b, t, 0] = ired[0]
 
@@ -361,15 +366,9 @@ def act_quant_cpu(kind: str, k: int, dtype: str, eps: float = 1e-6) -> tirx.Prim
     @T.macro
     def add_rmsnorm_one(x, d, w, x_out, qx, sx, xsum, b, t):
         for j in range(full):
-            for to in range(THREADS // step(THREADS)):
-                for ti in T.vectorized(step(THREADS)):
-                    x_out[b, t, j * THREADS + at(to, ti, THREADS)] = T.Cast(
-                        dtype, summed(x, d, b, t, j * THREADS + at(to, ti, THREADS)))
+            residual(x, d, x_out, b, t, j * THREADS, THREADS)
         if rem > 0:
-            for to in range(rem // step(rem)):
-                for ti in T.vectorized(step(rem)):
-                    x_out[b, t, full * THREADS + at(to, ti, rem)] = T.Cast(
-                        dtype, summed(x, d, b, t, full * THREADS + at(to, ti, rem)))
+            residual(x, d, x_out, b, t, full * THREADS, rem)
         rmsnorm_one(x_out, w, qx, sx, xsum, b, t)
 
     @T.macro
