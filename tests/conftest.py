@@ -46,7 +46,13 @@ def save_tiny_model(name: str, path: Path, seed: int = 0) -> Path:
     import transformers
 
     cls_name, extra = TINY_MODELS[name]
-    cfg = getattr(transformers, cls_name)(**TINY, **extra)
+    return save_random_model(getattr(transformers, cls_name)(**TINY, **extra), path, seed)
+
+
+def save_random_model(cfg, path: Path, seed: int = 0) -> Path:
+    """A model of transformers config ``cfg`` with random weights (norms near 1) and the tiny tokenizer."""
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():

@@ -141,20 +141,9 @@ def test_shard_config_divides_heads_and_channels():
 def tp_model(tmp_path_factory):
     import transformers
 
-    from conftest import tiny_tokenizer
+    from conftest import save_random_model
 
-    path = tmp_path_factory.mktemp("tp") / "llama"
-    cfg = transformers.LlamaConfig(**TP_CONFIG)
-    import torch
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0.0, 0.15)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_random_model(transformers.LlamaConfig(**TP_CONFIG), tmp_path_factory.mktemp("tp") / "llama")
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +242,7 @@ def test_sharded_artifact_layout_and_refusals(artifacts):
         Engine(art)
     with pytest.raises(QoqcError, match="is not sharded"):
         TPEngine(artifacts("rtn-w4a8kv4", 1))
-    with pytest.raises(QoqcError, match="sharded for 2 GPUs|no cuda|compiled for llvm"):
+    with pytest.raises(QoqcError, match="was compiled for llvm; it cannot run on device 'cuda'"):
         TPEngine(art, device="cuda")
 
 
@@ -264,6 +253,9 @@ def test_compile_refuses_a_shard_count_the_model_does_not_divide_into(tp_model, 
     assert main(["compile", str(tp_model), "--quant", "fp32", "--tensor-parallel", "3", "-o", str(out), "--quiet"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "qoqc: error: --tensor-parallel 3: the model's 8 attention heads do not divide into 3 shards"]
+    assert main(["compile", str(tp_model), "--tensor-parallel", "0", "-o", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qoqc: error: --tensor-parallel 0: give a whole number of shards, at least 1"]
     assert not out.exists()
 
 

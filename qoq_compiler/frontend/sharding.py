@@ -38,9 +38,8 @@ ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def check_tensor_parallel(cfg: ModelConfig, shards: int, group: int | None) -> None:
-    """One clear error when ``cfg`` does not divide into ``shards`` (with weight groups of ``group``)."""
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise QoqcError(f"--tensor-parallel {shards!r}: give a whole number of shards, at least 1")
+    """One clear error when ``cfg`` does not divide into ``shards`` (a whole number, at least 1: the
+    compiler checks it first) with weight groups of ``group``."""
     if shards == 1:
         return
     for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
